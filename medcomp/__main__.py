@@ -1,0 +1,58 @@
+"""Command line: ``python -m medcomp run params/embedded.yaml`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medcomp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="execute the notebooks into reports/<run_name>/ and render HTML")
+    run.add_argument("params", help="params YAML file, or a preset name from params/ (embedded, kaggle_t4)")
+    run.add_argument("--force", action="store_true", help="redo stages that already finished")
+    run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks (e.g. 01_finetune)")
+    run.add_argument("--run-dir", help="write here instead of reports/<run_name>/")
+
+    check = commands.add_parser("check", help="validate a params file and exit")
+    check.add_argument("params")
+
+    bootstrap = commands.add_parser("bootstrap", help="build and cache the embedded model and dataset")
+    bootstrap.add_argument("params", nargs="?", default="embedded")
+
+    args = parser.parse_args(argv)
+    from medcomp.params import ParamsError, load_params
+
+    try:
+        if args.command == "check":
+            params = load_params(args.params)
+            print(f"{args.params}: valid (run_name={params.run_name}, world={params.world})")
+            return 0
+        if args.command == "bootstrap":
+            from medcomp.data import prepare_dataset
+            from medcomp.models import prepare_model_source
+
+            params = load_params(args.params)
+            started = time.perf_counter()
+            print("model:", prepare_model_source(params))
+            print(f"model ready in {time.perf_counter() - started:.0f} s")
+            started = time.perf_counter()
+            print("data:", prepare_dataset(params).root)
+            print(f"data ready in {time.perf_counter() - started:.0f} s")
+            return 0
+        from medcomp.runner import run_pipeline
+
+        outcomes = run_pipeline(args.params, force=args.force, only=args.only, run_dir=args.run_dir)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for outcome in outcomes:
+        print(f"  {outcome.stage:<16} {outcome.status:<8} {outcome.seconds:6.0f} s")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

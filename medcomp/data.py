@@ -1,0 +1,220 @@
+"""DermNet in Kaggle's folder layout → labelled images → LLaVA VQA conversations.
+
+``scan_dermnet`` reads ``<root>/{train,test}/<folder>/<file>``, decides each photo's disease from
+its folder plus file name (``DERMNET_FOLDER_RULES``), and keeps a visible list of every file it
+skipped and why. ``build_conversations`` turns labelled images into (image, question, reference)
+examples in the chat format every LLaVA processor understands.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES_BY_SLUG, QUESTIONS, reference_answer
+
+if TYPE_CHECKING:
+    from medcomp.params import Params
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class DatasetError(ValueError):
+    """The data on disk cannot produce the dataset the params ask for."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: str
+    disease: str  # slug from medcomp.knowledge
+    split: str
+
+
+@dataclass
+class DermnetScan:
+    images: list[LabelledImage]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # path, reason
+
+    def counts(self) -> pd.DataFrame:
+        """Images per disease and split (zeros included, so a missing class is visible)."""
+        frame = pd.DataFrame([vars(image) for image in self.images], columns=["path", "disease", "split"])
+        diseases = sorted({rule["disease"] for rule in DERMNET_FOLDER_RULES} | set(frame["disease"]))
+        table = frame.groupby(["disease", "split"]).size().unstack(fill_value=0)
+        return table.reindex(index=diseases, columns=["train", "test"], fill_value=0)
+
+    def skipped_table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.skipped, columns=["path", "reason"])
+
+
+def _compile_rules(rules: Iterable[dict[str, str]]) -> list[tuple[str, str, re.Pattern[str]]]:
+    compiled = []
+    for rule in rules:
+        if rule["disease"] not in DISEASES_BY_SLUG:
+            raise DatasetError(f"folder rule names unknown disease {rule['disease']!r}; known: {sorted(DISEASES_BY_SLUG)}")
+        compiled.append((rule["disease"], rule["folder"], re.compile(rule["pattern"], re.IGNORECASE)))
+    return compiled
+
+
+def _is_readable_image(path: Path) -> str | None:
+    """None if PIL can open and verify ``path``, else the reason it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"unreadable image: {type(error).__name__}: {error}"
+
+
+def scan_dermnet(
+    root: Path | str,
+    diseases: Sequence[str],
+    rules: Iterable[dict[str, str]] = DERMNET_FOLDER_RULES,
+    splits: Sequence[str] = ("train", "test"),
+) -> DermnetScan:
+    """Label every photo under ``root/<split>/<folder>/`` that a rule assigns to one of ``diseases``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} does not exist (expected DermNet's train/ and test/ folders)")
+    compiled = [rule for rule in _compile_rules(rules) if rule[0] in diseases]
+    folders = {folder for _, folder, _ in compiled}
+    images: list[LabelledImage] = []
+    skipped: list[dict[str, str]] = []
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DatasetError(f"{split_dir} is missing: DermNet's layout has {list(splits)} folders under the root")
+        for folder in sorted(folders):
+            folder_dir = split_dir / folder
+            if not folder_dir.is_dir():
+                continue
+            for path in sorted(folder_dir.iterdir()):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append({"path": str(path), "reason": "not an image file"})
+                    continue
+                disease = next((slug for slug, rule_folder, pattern in compiled if rule_folder == folder and pattern.match(path.stem)), None)
+                if disease is None:
+                    skipped.append({"path": str(path), "reason": "no rule matches this file name"})
+                    continue
+                problem = _is_readable_image(path)
+                if problem:
+                    skipped.append({"path": str(path), "reason": problem})
+                    continue
+                images.append(LabelledImage(str(path), disease, split))
+    scan = DermnetScan(images, skipped)
+    counts = scan.counts()
+    empty = [(disease, split) for disease in diseases for split in splits if counts.loc[disease, split] == 0]
+    if empty:
+        listed = ", ".join(f"{disease} in {split}/" for disease, split in empty)
+        raise DatasetError(f"no usable images for {listed} under {root}; check the folder rules and the skipped files")
+    return scan
+
+
+def select_split(
+    images: Sequence[LabelledImage],
+    split: str,
+    per_disease: int | None = None,
+    total: int | None = None,
+    seed: int = 0,
+) -> list[LabelledImage]:
+    """A seeded, disease-balanced subset: up to ``per_disease`` each, then round-robin to ``total``."""
+    rng = random.Random(seed)
+    by_disease: dict[str, list[LabelledImage]] = {}
+    for image in images:
+        if image.split == split:
+            by_disease.setdefault(image.disease, []).append(image)
+    for pool in by_disease.values():
+        rng.shuffle(pool)
+        if per_disease is not None:
+            del pool[per_disease:]
+    chosen: list[LabelledImage] = []
+    queues = [list(by_disease[d]) for d in sorted(by_disease)]
+    while any(queues) and (total is None or len(chosen) < total):
+        for queue in queues:
+            if queue and (total is None or len(chosen) < total):
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    image: str
+    disease: str
+    question_kind: str
+    question: str
+    reference: str
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
+
+    def messages(self) -> list[dict[str, Any]]:
+        return self.prompt_messages() + [{"role": "assistant", "content": [{"type": "text", "text": self.reference}]}]
+
+
+def build_conversations(images: Sequence[LabelledImage], question_kinds: Sequence[str] = tuple(QUESTIONS)) -> list[VQAExample]:
+    """Three questions per image (name, clinical features, treatment), answered from the knowledge base."""
+    examples = []
+    for image in images:
+        disease = DISEASES_BY_SLUG[image.disease]
+        for kind in question_kinds:
+            examples.append(VQAExample(image.path, image.disease, kind, QUESTIONS[kind], reference_answer(disease, kind)))
+    return examples
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from error
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    scan: DermnetScan
+    train_images: list[LabelledImage]
+    test_images: list[LabelledImage]
+    train: list[VQAExample]
+    test: list[VQAExample]
+
+    def split_counts(self) -> pd.DataFrame:
+        """Images used per disease in this run (after sampling), next to what the root holds."""
+        used = pd.DataFrame(
+            [(i.disease, "train used") for i in self.train_images] + [(i.disease, "test used") for i in self.test_images],
+            columns=["disease", "split"],
+        )
+        used_counts = used.groupby(["disease", "split"]).size().unstack(fill_value=0)
+        available = self.scan.counts().rename(columns={"train": "train available", "test": "test available"})
+        return available.join(used_counts, how="left").fillna(0).astype(int)
+
+
+def synthetic_root(params: "Params") -> Path:
+    from medcomp.models import default_cache_dir, embedded_spec_hash
+
+    cache = Path(params.runtime.cache_dir) if params.runtime.cache_dir else default_cache_dir()
+    spec = params.data.synthetic.model_dump()
+    return cache / "datasets" / f"dermnet-synthetic-{embedded_spec_hash(spec)}"
+
+
+def prepare_dataset(params: "Params") -> PreparedDataset:
+    """Resolve the data root (generating the synthetic one once), label it, sample and build VQA."""
+    data = params.data
+    if data.root == "synthetic":
+        from medcomp.synthetic import generate_dermnet_like
+
+        root = synthetic_root(params)
+        if not (root / "test").is_dir():
+            generate_dermnet_like(root, **data.synthetic.model_dump())
+    else:
+        root = Path(data.root).expanduser()
+    rules = [rule.model_dump() for rule in data.folder_rules] if data.folder_rules else DERMNET_FOLDER_RULES
+    scan = scan_dermnet(root, data.diseases, rules)
+    train_images = select_split(scan.images, "train", per_disease=data.max_train_images_per_disease, seed=params.seed)
+    test_images = select_split(scan.images, "test", total=data.test_images, seed=params.seed)
+    return PreparedDataset(root, scan, train_images, test_images, build_conversations(train_images), build_conversations(test_images))

@@ -1,0 +1,89 @@
+"""Answer the held-out VQA questions with a model variant, and score what can be scored exactly.
+
+The LLM judge (07_judge) scores answer quality; here we only need what a string match can decide:
+which of the diseases an answer names, and so the held-out disease-naming accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from medcomp.data import VQAExample, load_rgb
+from medcomp.knowledge import DISEASES_BY_SLUG
+
+
+@torch.inference_mode()
+def generate_answers(
+    model,
+    processor,
+    examples: Sequence[VQAExample],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    description: str = "answering",
+) -> list[dict[str, Any]]:
+    """Greedy answers, batched with left padding; one row per example (image, question, reference, answer)."""
+    processor.tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    rows: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch"):
+        batch = examples[start : start + batch_size]
+        texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
+        inputs = processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        for example, tokens, text in zip(batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
+            rows.append(
+                {
+                    "image": example.image,
+                    "disease": example.disease,
+                    "question_kind": example.question_kind,
+                    "question": example.question,
+                    "reference": example.reference,
+                    "answer": text.strip(),
+                    "new_tokens": int((tokens != processor.tokenizer.pad_token_id).sum()),
+                }
+            )
+    return rows
+
+
+def _alias_pattern(alias: str) -> re.Pattern[str]:
+    return re.compile(rf"\b{re.escape(alias)}\b", re.IGNORECASE)
+
+
+_ALIASES = [(slug, _alias_pattern(alias)) for slug, disease in DISEASES_BY_SLUG.items() for alias in disease.aliases]
+
+
+def named_disease(answer: str) -> str | None:
+    """The disease an answer names first (by its name or an accepted alias), or None."""
+    hits = [(match.start(), slug) for slug, pattern in _ALIASES for match in [pattern.search(answer)] if match]
+    return min(hits)[1] if hits else None
+
+
+def naming_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The answers to 'What is the name of this disease?' with the disease each one names."""
+    frame = pd.DataFrame([row for row in rows if row["question_kind"] == "name"])
+    if frame.empty:
+        return frame.assign(predicted=[], correct=[])
+    frame["predicted"] = frame["answer"].map(named_disease)
+    frame["correct"] = frame["predicted"] == frame["disease"]
+    return frame
+
+
+def naming_accuracy(rows: Sequence[dict[str, Any]]) -> float:
+    table = naming_table(rows)
+    return float(table["correct"].mean()) if len(table) else float("nan")
+
+
+def confusion_matrix(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """True disease (rows) by named disease (columns, 'none' when no disease is named)."""
+    table = naming_table(rows)
+    predicted = table["predicted"].fillna("none")
+    matrix = pd.crosstab(table["disease"], predicted)
+    columns = [c for c in sorted(DISEASES_BY_SLUG) if c in matrix.columns or c in matrix.index] + (["none"] if "none" in matrix.columns else [])
+    return matrix.reindex(columns=columns, fill_value=0)

