@@ -138,11 +138,11 @@ def resolve_params_path(name_or_path: str | Path) -> Path:
     return PRESETS_DIR / f"{name_or_path}.yaml"
 
 
-def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -155,8 +155,7 @@ def _describe(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
         else:
-            allowed = item.get("ctx", {}).get("expected")
-            lines.append(f"  {key}: {item['msg']}" + (f" (allowed: {allowed})" if allowed else "") + f"; got {item.get('input')!r}")
+            lines.append(f"  {key}: {item['msg']}; got {item.get('input')!r}")
     return "\n".join(lines)
 
 
@@ -172,7 +171,7 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         raise ParamsError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of keys, not {type(raw).__name__}")
-    merged = _deep_merge(raw, overrides or {})
+    merged = merge_overrides(raw, overrides or {})
     try:
         return Params.model_validate(merged)
     except ValidationError as error:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless under papermill; notebooks still display the returned figures
 import matplotlib.pyplot as plt
 import pandas as pd
 

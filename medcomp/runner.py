@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text
-from medcomp.params import REPO_ROOT, Params, load_params
+from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
 from medcomp.runs import REPORTS_DIR, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -90,7 +90,7 @@ def run_pipeline(
 ) -> list[StageOutcome]:
     """Execute the notebooks for ``params_file``; returns one outcome per notebook."""
     params = load_params(params_file)  # fails before any work on a bad file
-    params_path = Path(params_file) if Path(params_file).exists() else Path(REPO_ROOT / "params" / f"{params_file}.yaml")
+    params_path = resolve_params_path(params_file)
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(run_dir, params, {"params_file": str(params_path.resolve())})

@@ -1,0 +1,100 @@
+"""The runner on real notebooks: embedded default (minimal), real-scale stand-in, failure and rerun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medcomp.params import PRESETS_DIR, merge_overrides
+from medcomp.runs import Run
+
+pytestmark = pytest.mark.slow
+
+MINIMAL = {
+    "run_name": "e2e",
+    "data": {"test_images": 8, "synthetic": {"train_per_disease": 2, "test_per_disease": 1, "image_size": 64}},
+    "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50},
+    "evaluation": {"max_new_tokens": 8, "batch_size": 8, "sample_answers": 3},
+}
+
+
+def write_params(path: Path, preset: str, overrides: dict) -> Path:
+    raw = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text())
+    path.write_text(yaml.safe_dump(merge_overrides(raw, overrides)))
+    return path
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDCOMP_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "medcomp", *args], capture_output=True, text=True, env=env, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return Path(os.environ.get("MEDCOMP_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_path, cache):
+    params = write_params(tmp_path / "minimal.yaml", "embedded", MINIMAL)
+    run_dir = tmp_path / "run"
+    first = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    index = (run_dir / "index.html").read_text()
+    assert "01_finetune" in index and ">ok<" in index and "not the paper" in index
+    report = (run_dir / "01_finetune.html").read_text()
+    assert "Held-out disease-naming accuracy" in report and "data:image/png;base64" in report
+    run = Run(run_dir)
+    assert set(run.variants()) == {"finetuned"}
+    assert len(run.answers("finetuned")) == 8 * 3
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
+    assert "OPENAI_API_KEY" not in report and "api_key" not in json.dumps(manifest).lower()
+
+    again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
+    assert again.returncode == 0 and "reusing the finished stage" in again.stdout
+
+
+def test_real_scale_path_on_a_llava15_shaped_standin(tmp_path, cache, tiny_llava15_standin, synthetic_root):
+    """kaggle_t4.yaml with only the model id and data root changed: fp16, nf4, LoRA only, checkpointing."""
+    params = write_params(tmp_path / "t4.yaml", "kaggle_t4", {"model": {"id": str(tiny_llava15_standin)}, "data": {"root": str(synthetic_root)}})
+    run_dir = tmp_path / "run"
+    result = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    variant = Run(run_dir).variant("finetuned")
+    config = json.loads((Path(variant.path) / "config.json").read_text())
+    assert config["vision_feature_layer"] == -2 and config["text_config"]["model_type"] == "llama"
+    adapter = json.loads((run_dir / "stages" / "01_finetune" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 32 and not adapter["modules_to_save"]
+
+
+def test_bad_params_fail_before_any_work(tmp_path, cache):
+    params = write_params(tmp_path / "bad.yaml", "embedded", {"finetune": {"learnig_rate": 1}})
+    result = run_cli("run", str(params), "--run-dir", str(tmp_path / "run"), cache=cache)
+    assert result.returncode == 2 and "finetune.learnig_rate: unknown key" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_notebook_stops_the_run_and_is_shown(tmp_path, cache, monkeypatch):
+    import nbformat
+
+    from medcomp.runner import run_pipeline
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    broken = nbformat.v4.new_notebook()
+    broken.cells = [nbformat.v4.new_code_cell('params_file = "auto"\nrun_dir = None', metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell("raise RuntimeError('stage exploded')")]
+    nbformat.write(broken, str(notebooks / "01_broken.ipynb"))
+    nbformat.write(nbformat.v4.new_notebook(), str(notebooks / "02_after.ipynb"))
+    monkeypatch.setenv("MEDCOMP_CACHE", str(cache))
+    params = write_params(tmp_path / "p.yaml", "embedded", MINIMAL)
+    outcomes = run_pipeline(params, run_dir=tmp_path / "run", notebooks_dir=notebooks)
+    assert [o.status for o in outcomes] == ["failed", "not run"]
+    assert "stage exploded" in outcomes[0].error
+    assert (tmp_path / "run" / "01_broken.ipynb").exists()
+    index = (tmp_path / "run" / "index.html").read_text()
+    assert "failed" in index and "stage exploded" in index

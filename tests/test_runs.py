@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from medcomp.params import load_params
+from medcomp.runs import Run, Variant, start_stage, write_manifest
+
+
+def test_registry_round_trip(tmp_path):
+    run = Run(tmp_path)
+    run.register_variant(Variant(name="finetuned", stage="01_finetune", path="m", parameters=10))
+    run.register_variant(Variant(name="pruned-2", stage="03_prune", path="p", parent="finetuned", layers_removed=(5, 9), bits=16))
+    assert run.variant("pruned-2").layers_removed == (5, 9)
+    with pytest.raises(KeyError, match="parent"):
+        run.register_variant(Variant(name="x", stage="s", path="p", parent="missing"))
+    with pytest.raises(KeyError, match="register"):
+        run.save_answers("unknown", [])
+    run.save_answers("finetuned", [{"image": "a.jpg", "question": "q", "reference": "r", "answer": "a"}])
+    assert Run(tmp_path).answers("finetuned")[0]["variant"] == "finetuned"
+
+
+def test_manifest_records_params_commit_packages_hardware(tmp_path):
+    params = load_params("embedded")
+    manifest = json.loads(write_manifest(tmp_path, params).read_text())
+    assert manifest["params"]["run_name"] == "embedded"
+    assert manifest["packages"]["transformers"] == "5.23.0"
+    assert manifest["hardware"]["cpu_count"] >= 1 and "commit" in manifest["git"]
+
+
+def test_start_stage_seeds_and_opens_the_run(tmp_path):
+    import torch
+
+    params, run = start_stage("embedded", tmp_path / "r")
+    first = torch.rand(3)
+    start_stage("embedded", tmp_path / "r")
+    assert torch.equal(first, torch.rand(3))
+    assert (run.directory / "manifest.json").exists() and params.world == "embedded"

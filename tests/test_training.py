@@ -1,0 +1,80 @@
+import torch
+from peft import PeftModel
+
+from medcomp.data import build_conversations, scan_dermnet, select_split
+from medcomp.knowledge import DISEASES
+from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.params import load_params
+from medcomp.training import IGNORE_INDEX, LeftPadCollator, answer_loss, encode_for_training, finetune
+
+ALL = [d.slug for d in DISEASES]
+
+
+def _examples(root, split="train", per_disease=1):
+    return build_conversations(select_split(scan_dermnet(root, ALL).images, split, per_disease=per_disease))
+
+
+def test_labels_cover_exactly_the_answer_and_its_end(tiny_embedded_model, synthetic_root):
+    processor = load_processor(str(tiny_embedded_model))
+    example = _examples(synthetic_root)[1]
+    encoded = encode_for_training(processor, example)
+    answer_ids = encoded["input_ids"][encoded["labels"] != IGNORE_INDEX]
+    decoded = processor.tokenizer.decode(answer_ids)
+    assert decoded.startswith(example.reference) and "<|im_end|>" in decoded
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((encoded["input_ids"] == image_token).sum()) == 4  # 32 px / patch 16 -> 2 x 2
+    assert (encoded["labels"][encoded["input_ids"] == image_token] == IGNORE_INDEX).all()
+
+
+def test_eos_is_appended_when_the_template_has_none(tiny_llava15_standin, synthetic_root):
+    processor = load_processor(str(tiny_llava15_standin))
+    encoded = encode_for_training(processor, _examples(synthetic_root)[0])
+    assert int(encoded["labels"][-1]) == processor.tokenizer.eos_token_id
+
+
+def test_answer_loss_matches_the_models_own_loss(tiny_embedded_model, synthetic_root):
+    """The left-padded, logits-on-answers-only loss equals transformers' full loss on the same rows."""
+    processor = load_processor(str(tiny_embedded_model))
+    model = load_llava(str(tiny_embedded_model))
+    rows = [encode_for_training(processor, e) for e in _examples(synthetic_root)[:4]]
+    ours = answer_loss(model, LeftPadCollator(processor.tokenizer.pad_token_id)(rows))
+    reference = torch.stack([model(**{k: v.unsqueeze(0) for k, v in row.items()}).loss for row in rows])
+    counts = torch.tensor([float((row["labels"][1:] != IGNORE_INDEX).sum()) for row in rows])
+    torch.testing.assert_close(ours, (reference * counts).sum() / counts.sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_finetune_learns_saves_and_merges_exactly(tiny_embedded_model, synthetic_root, tmp_path):
+    params = load_params("embedded", {"finetune": {"max_steps": 6, "batch_size": 4, "logging_steps": 1, "save_steps": 3,
+                                                   "learning_rate": 5e-3, "modules_learning_rate": 5e-3}}).finetune
+    examples = _examples(synthetic_root, per_disease=1)[:4]
+    result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / "ft")
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert result.steps == 6 and losses[-1] < losses[0]
+    assert (result.adapter_dir / "adapter_config.json").exists() and (result.merged_dir / "config.json").exists()
+
+    # The merged checkpoint computes what the adapter on the nf4 base computes.
+    from medcomp.training import qlora_quantization
+
+    processor = load_processor(str(result.merged_dir))
+    batch = LeftPadCollator(processor.tokenizer.pad_token_id)([encode_for_training(processor, e) for e in examples])
+    batch.pop("labels"), batch.pop("answer_span")
+    merged = load_llava(str(result.merged_dir))
+    base = load_llava(str(tiny_embedded_model), quantization_config=qlora_quantization(params))
+    adapted = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=2e-3, atol=2e-3)
+    # The tower and projector trained in full: the merged ones differ from the starting model's.
+    start = load_llava(str(tiny_embedded_model))
+    assert not torch.equal(start.model.multi_modal_projector.linear_1.weight, merged.model.multi_modal_projector.linear_1.weight)
+    assert len(decoder_layers(merged)) == 4
+
+
+def test_interrupted_training_resumes_from_checkpoint(tiny_embedded_model, synthetic_root, tmp_path):
+    examples = _examples(synthetic_root)[:4]
+    first = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "logging_steps": 1}}).finetune
+    finetune(str(tiny_embedded_model), "float32", "cpu", examples, first, tmp_path / "ft")
+    assert (tmp_path / "ft" / "checkpoints" / "checkpoint-2").is_dir()
+    longer = load_params("embedded", {"finetune": {"max_steps": 3, "batch_size": 2, "save_steps": 2, "logging_steps": 1}}).finetune
+    resumed = finetune(str(tiny_embedded_model), "float32", "cpu", examples, longer, tmp_path / "ft")
+    steps_logged = [entry["step"] for entry in resumed.log_history if "loss" in entry]
+    assert resumed.steps == 3 and steps_logged[-1] == 3
