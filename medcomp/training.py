@@ -218,6 +218,7 @@ def finetune(
         warmup_steps=params.warmup_ratio,  # a float below 1 is a fraction of all steps
         lr_scheduler_type="linear",
         logging_steps=params.logging_steps,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=1,
