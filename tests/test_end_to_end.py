@@ -85,7 +85,7 @@ def test_a_failing_notebook_stops_the_run_and_is_shown(tmp_path, cache, monkeypa
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    broken = nbformat.v4.new_notebook()
+    broken = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     broken.cells = [nbformat.v4.new_code_cell('params_file = "auto"\nrun_dir = None', metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell("raise RuntimeError('stage exploded')")]
     nbformat.write(broken, str(notebooks / "01_broken.ipynb"))

@@ -62,7 +62,7 @@ def test_qlora_finetune_learns_saves_and_merges_exactly(tiny_embedded_model, syn
     base = load_llava(str(tiny_embedded_model), quantization_config=qlora_quantization(params))
     adapted = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-2, atol=1e-2)
     # The tower and projector trained in full: the merged ones differ from the starting model's.
     start = load_llava(str(tiny_embedded_model))
     assert not torch.equal(start.model.multi_modal_projector.linear_1.weight, merged.model.multi_modal_projector.linear_1.weight)
