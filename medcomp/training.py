@@ -175,6 +175,26 @@ def _answer_loss_trainer():
     return AnswerLossTrainer
 
 
+def _checkpoints_for(output_dir: Path, source: str, dtype: str, examples: Sequence[VQAExample], params: FinetuneParams, seed: int) -> Path:
+    """The checkpoint folder, emptied if its checkpoints came from a different setup.
+
+    Resuming is only right for the same model, data and settings; anything else starts afresh.
+    """
+    import hashlib
+    import json
+    import shutil
+
+    setup = json.dumps([source, dtype, seed, params.model_dump(mode="json"), [(e.image, e.question) for e in examples]])
+    fingerprint = hashlib.sha256(setup.encode()).hexdigest()
+    checkpoints = output_dir / "checkpoints"
+    marker = checkpoints / "setup.sha256"
+    if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != fingerprint):
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return checkpoints
+
+
 @dataclass
 class FinetuneResult:
     adapter_dir: Path
@@ -208,7 +228,7 @@ def finetune(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    checkpoints = output_dir / "checkpoints"
+    checkpoints = _checkpoints_for(output_dir, source, model_dtype, train_examples, params, seed)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=params.epochs,

@@ -78,3 +78,12 @@ def test_interrupted_training_resumes_from_checkpoint(tiny_embedded_model, synth
     resumed = finetune(str(tiny_embedded_model), "float32", "cpu", examples, longer, tmp_path / "ft")
     steps_logged = [entry["step"] for entry in resumed.log_history if "loss" in entry]
     assert resumed.steps == 3 and steps_logged[-1] == 3
+
+
+def test_checkpoints_of_another_setup_are_not_resumed(tiny_embedded_model, synthetic_root, tmp_path):
+    examples = _examples(synthetic_root)[:4]
+    short = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2}}).finetune
+    finetune(str(tiny_embedded_model), "float32", "cpu", examples, short, tmp_path / "ft")
+    other = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "learning_rate": 1e-5}}).finetune
+    result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, other, tmp_path / "ft")
+    assert result.train_seconds > 0.05 and [e["step"] for e in result.log_history if "loss" in e][0] == 1
