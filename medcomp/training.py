@@ -205,6 +205,11 @@ class FinetuneResult:
     train_seconds: float
     steps: int
 
+    @property
+    def final_loss(self) -> float:
+        """The last logged training loss (answer tokens), not the average over the run."""
+        return next((entry["loss"] for entry in reversed(self.log_history) if "loss" in entry), float("nan"))
+
 
 def finetune(
     source: str,
