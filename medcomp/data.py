@@ -195,11 +195,9 @@ class PreparedDataset:
 
 
 def synthetic_root(params: "Params") -> Path:
-    from medcomp.models import default_cache_dir, embedded_spec_hash
+    from medcomp.files import content_hash
 
-    cache = Path(params.runtime.cache_dir) if params.runtime.cache_dir else default_cache_dir()
-    spec = params.data.synthetic.model_dump()
-    return cache / "datasets" / f"dermnet-synthetic-{embedded_spec_hash(spec)}"
+    return params.runtime.cache_path() / "datasets" / f"dermnet-synthetic-{content_hash(params.data.synthetic.model_dump())}"
 
 
 def prepare_dataset(params: "Params") -> PreparedDataset:

@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def content_hash(data: Any, length: int = 12) -> str:
+    """A short stable hash of JSON-able ``data``: names cached builds after what they were built from."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

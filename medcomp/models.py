@@ -12,15 +12,13 @@ and then loaded like any other checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medcomp.files import atomic_directory
+from medcomp.files import atomic_directory, content_hash
 
 EMBEDDED_MODEL_PREFIX = "embedded:"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,22 +74,12 @@ def sentence_model_source(model_id: str) -> str:
     return model_id
 
 
-def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("MEDCOMP_CACHE", Path.home() / ".cache" / "medcomp"))
-
-
-def embedded_spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path) -> str:
     """A hub id or local path passes through; ``embedded:<name>`` is built once and cached."""
     if not model_id.startswith(EMBEDDED_MODEL_PREFIX):
         return model_id
     spec = {"name": model_id, **embedded_spec}
-    target = Path(cache_dir) / "models" / f"{model_id.removeprefix(EMBEDDED_MODEL_PREFIX)}-{embedded_spec_hash(spec)}"
+    target = Path(cache_dir) / "models" / f"{model_id.removeprefix(EMBEDDED_MODEL_PREFIX)}-{content_hash(spec)}"
     if not (target / "config.json").exists():
         build_embedded_llava(target, **embedded_spec)
     return str(target)
@@ -259,5 +247,4 @@ def resolve_device(device: str) -> str:
 
 def prepare_model_source(params) -> str:
     """The model to start from, per params: a hub id/path as given, or the cached embedded build."""
-    cache = Path(params.runtime.cache_dir) if params.runtime.cache_dir else default_cache_dir()
-    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), cache)
+    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), params.runtime.cache_path())

@@ -6,7 +6,6 @@ A params file chooses the world (model, data, judge); the code path is the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medcomp.files import content_hash
 from medcomp.knowledge import DISEASES_BY_SLUG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +115,13 @@ class RuntimeParams(Strict):
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
     cache_dir: str | None = Field(None, description="built embedded models and datasets; default $MEDCOMP_CACHE or ~/.cache/medcomp")
 
+    def cache_path(self) -> Path:
+        import os
+
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("MEDCOMP_CACHE", Path.home() / ".cache" / "medcomp"))
+
 
 class Params(Strict):
     run_name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
@@ -128,7 +135,7 @@ class Params(Strict):
 
     def fingerprint(self) -> str:
         """Stable hash of every setting: a stage is reused only under identical params."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(self.model_dump(mode="json"), 16)
 
 
 def resolve_params_path(name_or_path: str | Path) -> Path:

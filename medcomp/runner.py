@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text
 from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
-from medcomp.runs import REPORTS_DIR, write_manifest
+from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -129,10 +129,10 @@ def _summary_cell(summary: dict[str, Any]) -> str:
 
 def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome]) -> Path:
     """``index.html``: each notebook's status, duration, key figures and a link to its report."""
+    run = Run(run_dir)
     rows = []
     for outcome in outcomes:
-        summary_path = run_dir / "stages" / outcome.stage / "summary.json"
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+        summary = run.summary(outcome.stage)
         link = f'<a href="{html.escape(outcome.html)}">{html.escape(outcome.stage)}</a>' if outcome.html else html.escape(outcome.stage)
         error = f'<pre class="error">{html.escape(outcome.error[-2000:])}</pre>' if outcome.error else ""
         rows.append(

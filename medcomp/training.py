@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medcomp.data import VQAExample, load_rgb
-from medcomp.files import atomic_directory, atomic_write_json
+from medcomp.files import atomic_directory, atomic_write_json, content_hash
 from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, load_llava, load_processor
 from medcomp.params import FinetuneParams
 
@@ -180,12 +180,9 @@ def _checkpoints_for(output_dir: Path, source: str, dtype: str, examples: Sequen
 
     Resuming is only right for the same model, data and settings; anything else starts afresh.
     """
-    import hashlib
-    import json
     import shutil
 
-    setup = json.dumps([source, dtype, seed, params.model_dump(mode="json"), [(e.image, e.question) for e in examples]])
-    fingerprint = hashlib.sha256(setup.encode()).hexdigest()
+    fingerprint = content_hash([source, dtype, seed, params.model_dump(mode="json"), [(e.image, e.question) for e in examples]], 64)
     checkpoints = output_dir / "checkpoints"
     marker = checkpoints / "setup.sha256"
     if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != fingerprint):

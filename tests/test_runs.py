@@ -35,3 +35,18 @@ def test_start_stage_seeds_and_opens_the_run(tmp_path):
     start_stage("embedded", tmp_path / "r")
     assert torch.equal(first, torch.rand(3))
     assert (run.directory / "manifest.json").exists() and params.world == "embedded"
+
+
+def test_packaged_sentence_model_embeds_offline(monkeypatch):
+    """The layer ranking of 02 uses all-MiniLM-L6-v2; the embedded world loads it from its wheel."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from medcomp.models import sentence_model_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = SentenceTransformer(sentence_model_source("packaged"), device="cpu")
+    melanoma, again, psoriasis = model.encode(["This is melanoma.", "This is melanoma.", "Psoriasis is treated with steroids."], normalize_embeddings=True)
+    assert melanoma.shape == (384,)
+    assert np.dot(melanoma, again) > 0.999 and np.dot(melanoma, psoriasis) < 0.9
+    assert sentence_model_source("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
