@@ -85,6 +85,17 @@ class LoraParams(Strict):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class AlignmentParams(Strict):
+    """LLaVA's first stage: the language model frozen, the vision tower and projector learn to feed it.
+
+    Needed only where the vision side starts untrained (the embedded model); 0 steps skips it.
+    """
+
+    steps: int = Field(0, ge=0, le=100000)
+    question_kinds: tuple[Literal["name", "features", "treatment"], ...] = ("name",)
+    learning_rate: float = Field(3e-3, gt=0, le=1.0)
+
+
 class FinetuneParams(Strict):
     quantization: Literal["nf4", "none"] = "nf4"
     compute_dtype: Dtype = "float16"
@@ -102,6 +113,13 @@ class FinetuneParams(Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(100, ge=1, description="checkpoint interval; an interrupted run resumes from the last one")
+    alignment: AlignmentParams = AlignmentParams()
+
+    @model_validator(mode="after")
+    def _alignment_has_something_to_train(self) -> "FinetuneParams":
+        if self.alignment.steps and not self.fully_trained_modules:
+            raise ValueError("alignment.steps > 0 trains only fully_trained_modules, which is empty")
+        return self
 
 
 class EvaluationParams(Strict):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from peft import PeftModel
 
@@ -87,3 +88,19 @@ def test_checkpoints_of_another_setup_are_not_resumed(tiny_embedded_model, synth
     other = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "learning_rate": 1e-5}}).finetune
     result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, other, tmp_path / "ft")
     assert result.train_seconds > 0.05 and [e["step"] for e in result.log_history if "loss" in e][0] == 1
+
+
+def test_alignment_trains_only_the_vision_side(tiny_embedded_model, synthetic_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from medcomp.training import align_vision
+
+    params = load_params("embedded", {"finetune": {"alignment": {"steps": 2}, "batch_size": 4}}).finetune
+    result = align_vision(str(tiny_embedded_model), "float32", "cpu", _examples(synthetic_root), params, tmp_path / "align")
+    assert result.steps == 2
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert all(not tensor.any() for name, tensor in adapter.items() if "lora_B" in name)  # LLM untouched
+    start, aligned = load_llava(str(tiny_embedded_model)), load_llava(str(result.merged_dir))
+    assert not torch.equal(start.model.multi_modal_projector.linear_2.weight, aligned.model.multi_modal_projector.linear_2.weight)
+    with pytest.raises(ValueError, match="fully_trained_modules"):
+        load_params("kaggle_t4", {"finetune": {"alignment": {"steps": 5}}})
