@@ -90,10 +90,10 @@ def run_pipeline(
 ) -> list[StageOutcome]:
     """Execute the notebooks for ``params_file``; returns one outcome per notebook."""
     params = load_params(params_file)  # fails before any work on a bad file
-    params_path = resolve_params_path(params_file)
+    params_path = resolve_params_path(params_file).resolve()
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(run_dir, params, {"params_file": str(params_path.resolve())})
+    write_manifest(run_dir, params, {"params_file": str(params_path)})
     fingerprint = params.fingerprint()
 
     outcomes: list[StageOutcome] = []
@@ -102,7 +102,7 @@ def run_pipeline(
         stage = notebook.stem
         if failed or (only and stage not in only):
             previous = _finished(run_dir, stage, fingerprint)
-            outcomes.append(StageOutcome(stage, "reused" if previous else "not run", previous["seconds"] if previous else 0.0, f"{stage}.html" if previous else None))
+            outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html")) if previous else StageOutcome(stage, "not run", 0.0, None))
             continue
         previous = None if force else _finished(run_dir, stage, fingerprint)
         if previous:
@@ -110,7 +110,7 @@ def run_pipeline(
             outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html")))
             continue
         print(f"[medcomp] {stage}: running")
-        outcome = execute_stage(notebook, run_dir, params_path.resolve())
+        outcome = execute_stage(notebook, run_dir, params_path)
         atomic_write_json(
             _status_path(run_dir, stage),
             {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html,

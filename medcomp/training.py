@@ -8,6 +8,7 @@ embedded model needs because its tower starts random. Training runs through ``tr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -222,8 +223,6 @@ def finetune(
     train_lora: bool = True,
 ) -> FinetuneResult:
     """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``."""
-    import time
-
     from transformers import TrainingArguments
 
     AnswerLossTrainer = _answer_loss_trainer()
@@ -264,9 +263,8 @@ def finetune(
         data_collator=LeftPadCollator(processor.tokenizer.pad_token_id),
         optimizers=(_optimizer(model, params), None),
     )
-    has_checkpoint = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    trainer.train(resume_from_checkpoint=True if any(checkpoints.glob("checkpoint-*")) else None)
     train_seconds = time.perf_counter() - started
 
     adapter_dir = output_dir / "adapter"
