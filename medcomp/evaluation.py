@@ -87,3 +87,18 @@ def confusion_matrix(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     matrix = pd.crosstab(table["disease"], predicted)
     columns = [c for c in sorted(DISEASES_BY_SLUG) if c in matrix.columns or c in matrix.index] + (["none"] if "none" in matrix.columns else [])
     return matrix.reindex(columns=columns, fill_value=0)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak memory of this process so far: resident RAM, and allocated GPU memory when on CUDA.
+
+    A notebook's kernel is one process, so at the end of a stage this is the stage's peak.
+    """
+    import resource
+    import sys
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peaks = {"peak RAM (GiB)": round(peak_rss / (2**30 if sys.platform == "darwin" else 2**20), 2)}
+    if torch.cuda.is_available():
+        peaks["peak GPU memory (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return peaks

@@ -47,11 +47,38 @@ def _finished(run_dir: Path, stage: str, fingerprint: str) -> dict[str, Any] | N
     return status if status.get("status") == "ok" and status.get("params_fingerprint") == fingerprint else None
 
 
+def _terminal_text(text: str) -> str:
+    """What a terminal would show: each line keeps only what follows its last carriage return."""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def tidy_streams(notebook) -> Any:
+    """Merge each cell's consecutive stdout/stderr outputs and resolve carriage returns.
+
+    Progress bars write one stream output per refresh; without this a report shows hundreds of
+    half-drawn bars where a terminal shows the last one.
+    """
+    for cell in notebook.cells:
+        merged: list[Any] = []
+        for output in cell.get("outputs", []):
+            previous = merged[-1] if merged else None
+            if output.get("output_type") == "stream" and previous is not None and previous.get("output_type") == "stream" and previous.get("name") == output.get("name"):
+                previous["text"] += output["text"]
+            else:
+                merged.append(output)
+        for output in merged:
+            if output.get("output_type") == "stream":
+                output["text"] = _terminal_text(output["text"])
+        if "outputs" in cell:
+            cell["outputs"] = merged
+    return notebook
+
+
 def render_html(notebook: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    body, _ = HTMLExporter().from_notebook_node(tidy_streams(nbformat.read(str(notebook), as_version=4)))
     atomic_write_text(target, body)
     return target
 

@@ -71,12 +71,23 @@ class Run:
         registry = self._registry()
         if variant.parent is not None and variant.parent not in registry["variants"]:
             raise KeyError(f"parent variant {variant.parent!r} is not registered in {self.registry_path}")
-        registry["variants"][variant.name] = asdict(variant)
+        registry["variants"][variant.name] = {**asdict(variant), "path": self._portable(variant.path)}
         atomic_write_json(self.registry_path, registry)
+
+    def _portable(self, path: str) -> str:
+        """Paths inside the run are stored relative to it, so a moved or copied run still works."""
+        try:
+            return Path(path).resolve().relative_to(self.directory.resolve()).as_posix()
+        except ValueError:  # a hub id or a model outside the run
+            return path
+
+    def _located(self, path: str) -> str:
+        inside = self.directory / path
+        return str(inside) if not Path(path).is_absolute() and inside.exists() else path
 
     def variants(self) -> dict[str, Variant]:
         return {
-            name: Variant(**{**data, "layers_removed": tuple(data["layers_removed"])})
+            name: Variant(**{**data, "path": self._located(data["path"]), "layers_removed": tuple(data["layers_removed"])})
             for name, data in self._registry()["variants"].items()
         }
 

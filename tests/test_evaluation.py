@@ -1,5 +1,8 @@
+import pytest
+import torch
+
 from medcomp.data import build_conversations, scan_dermnet, select_split
-from medcomp.evaluation import confusion_matrix, generate_answers, named_disease, naming_accuracy
+from medcomp.evaluation import confusion_matrix, generate_answers, named_disease, naming_accuracy, peak_memory_gib
 from medcomp.knowledge import DISEASES
 from medcomp.models import load_llava, load_processor
 
@@ -33,3 +36,12 @@ def test_generate_answers_batched_rows(tiny_embedded_model, synthetic_root):
     assert {"image", "question", "reference", "answer", "disease", "question_kind"} <= set(rows[0])
     single = generate_answers(model, processor, examples[:1], max_new_tokens=4, batch_size=1)
     assert single[0]["answer"] == rows[0]["answer"]  # left padding does not change greedy answers
+
+
+def test_peak_memory_matches_the_kernels_high_water_mark():
+    block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    peak = peak_memory_gib()["peak RAM (GiB)"]
+    high_water_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert peak == pytest.approx(high_water_kib / 2**20, abs=0.02)
+    assert peak > 0.29
+    del block

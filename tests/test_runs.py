@@ -50,3 +50,16 @@ def test_packaged_sentence_model_embeds_offline(monkeypatch):
     assert melanoma.shape == (384,)
     assert np.dot(melanoma, again) > 0.999 and np.dot(melanoma, psoriasis) < 0.9
     assert sentence_model_source("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_registry_paths_survive_moving_the_run(tmp_path):
+    run = Run(tmp_path / "run")
+    model_dir = run.stage_dir("01_finetune") / "merged"
+    model_dir.mkdir()
+    run.register_variant(Variant(name="finetuned", stage="01_finetune", path=str(model_dir)))
+    run.register_variant(Variant(name="hub", stage="01_finetune", path="llava-hf/llava-1.5-7b-hf"))
+    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/merged"
+
+    moved = Run((tmp_path / "run").rename(tmp_path / "moved"))
+    assert moved.variant("finetuned").path == str(tmp_path / "moved" / "stages" / "01_finetune" / "merged")
+    assert moved.variant("hub").path == "llava-hf/llava-1.5-7b-hf"
