@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES_BY_SLUG, QUESTIONS, reference_answer
+from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES_BY_SLUG, QUESTIONS, question, reference_answer
 
 if TYPE_CHECKING:
     from medcomp.params import Params
@@ -157,12 +157,15 @@ class VQAExample:
 
 
 def build_conversations(images: Sequence[LabelledImage], question_kinds: Sequence[str] = tuple(QUESTIONS)) -> list[VQAExample]:
-    """Three questions per image (name, clinical features, treatment), answered from the knowledge base."""
+    """Three questions per image (name, clinical features, treatment), answered from the knowledge base.
+
+    As in the paper, the follow-up questions name the disease; only the first asks for it.
+    """
     examples = []
     for image in images:
         disease = DISEASES_BY_SLUG[image.disease]
         for kind in question_kinds:
-            examples.append(VQAExample(image.path, image.disease, kind, QUESTIONS[kind], reference_answer(disease, kind)))
+            examples.append(VQAExample(image.path, image.disease, kind, question(disease, kind), reference_answer(disease, kind)))
     return examples
 
 

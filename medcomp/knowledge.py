@@ -143,11 +143,20 @@ DERMNET_FOLDER_RULES: tuple[dict[str, str], ...] = (
     {"disease": "seborrheic-keratosis", "folder": "Seborrheic Keratoses and other Benign Tumors", "pattern": r"seborrh"},
 )
 
+# The paper's conversation format (section 3.1): the image's disease is asked for first, and the
+# follow-up questions name it ("What is the name of this disease?" ... "What is a seborrheic
+# keratosis?"). So only the first answer must be read from the image; the others test knowledge.
 QUESTIONS: dict[str, str] = {
     "name": "What is the name of this disease?",
-    "features": "What are the clinical features of this disease?",
-    "treatment": "How is this disease treated?",
+    "features": "What are the clinical features of {name}?",
+    "treatment": "How is {name} treated?",
 }
+
+
+def question(disease: Disease, question_kind: str) -> str:
+    if question_kind not in QUESTIONS:
+        raise ValueError(f"unknown question kind {question_kind!r}; expected one of {sorted(QUESTIONS)}")
+    return QUESTIONS[question_kind].format(name=disease.name)
 
 
 def reference_answer(disease: Disease, question_kind: str) -> str:

@@ -86,7 +86,8 @@ class LoraParams(Strict):
 
 
 class AlignmentParams(Strict):
-    """LLaVA's first stage: the language model frozen, the vision tower and projector learn to feed it.
+    """LLaVA's stage-1 objective, run after the SFT: the finetuned language model frozen, the vision
+    tower and projector learn to feed it.
 
     Needed only where the vision side starts untrained (the embedded model); 0 steps skips it.
     """

@@ -108,5 +108,8 @@ def test_conversations_three_questions_per_image(synthetic_root):
     assert len(examples) == 12 and {e.question_kind for e in examples} == set(QUESTIONS)
     name = next(e for e in examples if e.question_kind == "name")
     assert name.reference == f"This is {DISEASES_BY_SLUG[name.disease].name}."
+    assert name.question == "What is the name of this disease?"  # only this one must be read from the image
+    features = next(e for e in examples if e.question_kind == "features" and e.image == name.image)
+    assert features.question == f"What are the clinical features of {DISEASES_BY_SLUG[name.disease].name}?"  # the paper's follow-up names it
     messages = name.messages()
     assert messages[0]["content"][0] == {"type": "image"} and messages[1]["role"] == "assistant"

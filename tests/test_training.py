@@ -102,5 +102,10 @@ def test_alignment_trains_only_the_vision_side(tiny_embedded_model, synthetic_ro
     assert all(not tensor.any() for name, tensor in adapter.items() if "lora_B" in name)  # LLM untouched
     start, aligned = load_llava(str(tiny_embedded_model)), load_llava(str(result.merged_dir))
     assert not torch.equal(start.model.multi_modal_projector.linear_2.weight, aligned.model.multi_modal_projector.linear_2.weight)
+    # The frozen language model comes back bit for bit, although the params ask for nf4 QLoRA:
+    # re-rounding a merged model to nf4 would erase what its adapter learned.
+    assert params.quantization == "nf4"
+    language_model = {name: tensor for name, tensor in start.model.language_model.state_dict().items()}
+    assert all(torch.equal(tensor, language_model[name]) for name, tensor in aligned.model.language_model.state_dict().items())
     with pytest.raises(ValueError, match="fully_trained_modules"):
         load_params("kaggle_t4", {"finetune": {"alignment": {"steps": 5}}})
