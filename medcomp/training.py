@@ -24,6 +24,21 @@ from medcomp.params import FinetuneParams
 IGNORE_INDEX = -100
 
 
+def _import_gptqmodel_quietly() -> None:
+    """peft imports gptqmodel (when installed) on first use, and gptqmodel prints a start-up banner
+    to stdout on import; importing it here first keeps that banner out of every report."""
+    import contextlib
+    import importlib.util
+    import io
+
+    if importlib.util.find_spec("gptqmodel") is not None:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import gptqmodel  # noqa: F401
+
+
+_import_gptqmodel_quietly()
+
+
 def encode_for_training(processor, example: VQAExample) -> dict[str, torch.Tensor]:
     """Tokenise one (image, question, answer) with labels on the answer tokens only.
 
