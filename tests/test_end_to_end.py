@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 MINIMAL = {
     "run_name": "e2e",
     "data": {"test_images": 8, "synthetic": {"train_per_disease": 2, "test_per_disease": 1, "image_size": 64}},
-    "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50},
+    "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50, "alignment": {"steps": 2}},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "sample_answers": 3},
 }
 
@@ -47,8 +47,13 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert "01_finetune" in index and ">ok<" in index and "not the paper" in index
     report = (run_dir / "01_finetune.html").read_text()
     assert "Held-out disease-naming accuracy" in report and "data:image/png;base64" in report
+    assert "held-out naming after the SFT alone" in report  # the alignment step ran after the SFT
+    for noise in ("GPT-QModel", "IProgress not found", "_pytree.py", "kernels-community"):
+        assert noise not in report, f"library noise in the report: {noise}"
     run = Run(run_dir)
     assert set(run.variants()) == {"finetuned"}
+    assert run.variant("finetuned").path.endswith("stages/01_finetune/alignment/merged")
+    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/alignment/merged"
     assert len(run.answers("finetuned")) == 8 * 3
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
