@@ -91,15 +91,12 @@ def test_checkpoints_of_another_setup_are_not_resumed(tiny_embedded_model, synth
 
 
 def test_alignment_trains_only_the_vision_side(tiny_embedded_model, synthetic_root, tmp_path):
-    from safetensors.torch import load_file
-
     from medcomp.training import align_vision
 
     params = load_params("embedded", {"finetune": {"alignment": {"steps": 2}, "batch_size": 4}}).finetune
     result = align_vision(str(tiny_embedded_model), "float32", "cpu", _examples(synthetic_root), params, tmp_path / "align")
-    assert result.steps == 2
-    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
-    assert all(not tensor.any() for name, tensor in adapter.items() if "lora_B" in name)  # LLM untouched
+    assert result.steps == 2 and result.adapter_dir is None
+    assert 0 < result.trainable_parameters < result.total_parameters / 2
     start, aligned = load_llava(str(tiny_embedded_model)), load_llava(str(result.merged_dir))
     assert not torch.equal(start.model.multi_modal_projector.linear_2.weight, aligned.model.multi_modal_projector.linear_2.weight)
     # The frozen language model comes back bit for bit, although the params ask for nf4 QLoRA:
