@@ -159,8 +159,7 @@ def load_for_finetuning(source: str, model_dtype: str, device: str, params: Fine
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
     elif params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model = get_peft_model(model, lora_config(params))
-    return model
+    return get_peft_model(model, lora_config(params))
 
 
 def _optimizer(model, params: FinetuneParams) -> torch.optim.Optimizer:
@@ -263,6 +262,14 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
     return trainer, time.perf_counter() - started
 
 
+def _save_with_processor(model, processor, directory: Path) -> Path:
+    """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
+    with atomic_directory(Path(directory)) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(directory)
+
+
 def _parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
@@ -283,10 +290,7 @@ def finetune(
     trainable, total = _parameter_counts(model)
     trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, model_dtype, seed], device, seed)
 
-    adapter_dir = output_dir / "adapter"
-    with atomic_directory(adapter_dir) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    adapter_dir = _save_with_processor(model, processor, output_dir / "adapter")
     merged_dir = merge_adapter(source, adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
     return FinetuneResult(adapter_dir, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
@@ -318,9 +322,7 @@ def align_vision(
     """
     alignment = params.alignment
     examples = [e for e in train_examples if e.question_kind in alignment.question_kinds]
-    stage_params = params.model_copy(
-        update={"max_steps": alignment.steps, "modules_learning_rate": alignment.learning_rate, "quantization": "none"}
-    )
+    stage_params = params.model_copy(update={"max_steps": alignment.steps, "modules_learning_rate": alignment.learning_rate})
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_llava(source, dtype=model_dtype, device=device)
@@ -329,14 +331,10 @@ def align_vision(
         parameter.requires_grad_(name.startswith(trained_prefixes))
     if params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model.train()
     trainable, total = _parameter_counts(model)
     trainer, train_seconds = _train(model, processor, examples, stage_params, output_dir, [source, model_dtype, seed, "align"], device, seed)
 
-    merged_dir = output_dir / "merged"
-    with atomic_directory(merged_dir) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    merged_dir = _save_with_processor(model, processor, output_dir / "merged")
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
     return FinetuneResult(None, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
 
@@ -361,8 +359,4 @@ def merge_adapter(
     if quantization_config is not None:
         base = base.dequantize(dtype=TORCH_DTYPES[dtype])
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    processor = load_processor(str(adapter_dir))
-    with atomic_directory(Path(merged_dir)) as staging:
-        merged.save_pretrained(staging)
-        processor.save_pretrained(staging)
-    return Path(merged_dir)
+    return _save_with_processor(merged, load_processor(str(adapter_dir)), merged_dir)

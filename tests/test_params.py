@@ -1,4 +1,3 @@
-
 import pytest
 
 from medcomp.params import PRESETS_DIR, ParamsError, load_params
