@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="execute the notebooks into reports/<run_name>/ and render HTML")
     run.add_argument("params", help="params YAML file, or a preset name from params/ (embedded, kaggle_t4)")
     run.add_argument("--force", action="store_true", help="redo stages that already finished")
-    run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks (e.g. 01_finetune)")
+    run.add_argument("--only", nargs="+", metavar="STAGE", help="redo only these notebooks (e.g. 01_finetune); later ones then redo on the next full run")
     run.add_argument("--run-dir", help="write here instead of reports/<run_name>/")
 
     check = commands.add_parser("check", help="validate a params file and exit")
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             from medcomp.data import prepare_dataset
             from medcomp.models import prepare_model_source
 
+            from medcomp.runs import quiet_libraries
+
             params = load_params(args.params)
+            quiet_libraries()
             started = time.perf_counter()
             print("model:", prepare_model_source(params))
             print(f"model ready in {time.perf_counter() - started:.0f} s")

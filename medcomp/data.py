@@ -52,13 +52,40 @@ class DermnetScan:
         return pd.DataFrame(self.skipped, columns=["path", "reason"])
 
 
+EVERY_FILE = "*"
+
+
+def compile_name_pattern(pattern: str) -> re.Pattern[str]:
+    """A rule's pattern, matched anywhere in a file stem on word boundaries, case-insensitively.
+
+    Letters and digits are word characters; "-", "_", "." and spaces separate words (Python's ``\\b``
+    would treat "_" as part of a word). ``*`` matches every name.
+    """
+    if pattern == EVERY_FILE:
+        return re.compile("")
+    try:
+        return re.compile(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])", re.IGNORECASE)
+    except re.error as error:
+        raise DatasetError(f"folder rule pattern {pattern!r} is not a valid regular expression: {error}") from error
+
+
 def _compile_rules(rules: Iterable[dict[str, str]]) -> list[tuple[str, str, re.Pattern[str]]]:
     compiled = []
     for rule in rules:
         if rule["disease"] not in DISEASES_BY_SLUG:
             raise DatasetError(f"folder rule names unknown disease {rule['disease']!r}; known: {sorted(DISEASES_BY_SLUG)}")
-        compiled.append((rule["disease"], rule["folder"], re.compile(rule["pattern"], re.IGNORECASE)))
+        compiled.append((rule["disease"], rule["folder"], compile_name_pattern(rule["pattern"])))
     return compiled
+
+
+def disease_of(folder: str, stem: str, rules: Sequence[tuple[str, str, re.Pattern[str]]]) -> tuple[str | None, str | None]:
+    """(disease, None) if exactly one disease's rule claims ``stem`` in ``folder``, else (None, why not)."""
+    matches = sorted({slug for slug, rule_folder, pattern in rules if rule_folder == folder and pattern.search(stem)})
+    if len(matches) == 1:
+        return matches[0], None
+    if not matches:
+        return None, "no rule matches this file name"
+    return None, f"ambiguous: the name matches {' and '.join(matches)}"
 
 
 def _is_readable_image(path: Path) -> str | None:
@@ -97,9 +124,9 @@ def scan_dermnet(
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append({"path": str(path), "reason": "not an image file"})
                     continue
-                disease = next((slug for slug, rule_folder, pattern in compiled if rule_folder == folder and pattern.match(path.stem)), None)
+                disease, why_not = disease_of(folder, path.stem, compiled)
                 if disease is None:
-                    skipped.append({"path": str(path), "reason": "no rule matches this file name"})
+                    skipped.append({"path": str(path), "reason": why_not})
                     continue
                 problem = _is_readable_image(path)
                 if problem:
@@ -154,6 +181,33 @@ class VQAExample:
 
     def messages(self) -> list[dict[str, Any]]:
         return self.prompt_messages() + [{"role": "assistant", "content": [{"type": "text", "text": self.reference}]}]
+
+
+@dataclass(frozen=True)
+class VQAConversation:
+    """One image and its questions asked in turn, as the paper's training conversations are (section
+    3.1): "What is the name of this disease?" -> "This is X.", then the follow-ups about X."""
+
+    image: str
+    disease: str
+    turns: tuple[VQAExample, ...]
+
+    def messages(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        for index, turn in enumerate(self.turns):
+            content = ([{"type": "image"}] if index == 0 else []) + [{"type": "text", "text": turn.question}]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": turn.reference}]}]
+        return messages
+
+
+def as_multi_turn(examples: Sequence[VQAExample]) -> list[VQAConversation]:
+    """Group single-question examples by image into one conversation each, in question order."""
+    by_image: dict[str, list[VQAExample]] = {}
+    for example in examples:
+        by_image.setdefault(example.image, []).append(example)
+    order = list(QUESTIONS)
+    return [VQAConversation(image, turns[0].disease, tuple(sorted(turns, key=lambda e: order.index(e.question_kind) if e.question_kind in order else len(order))))
+            for image, turns in by_image.items()]
 
 
 def build_conversations(images: Sequence[LabelledImage], question_kinds: Sequence[str] = tuple(QUESTIONS)) -> list[VQAExample]:

@@ -25,12 +25,16 @@ def generate_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     description: str = "answering",
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Greedy answers, batched with left padding; one row per example (image, question, reference, answer)."""
+    """Greedy answers, batched with left padding; one row per example (image, question, reference,
+    answer, ``new_tokens``, and ``stopped``: whether the model emitted its end-of-turn token)."""
     processor.tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    end_ids = model.generation_config.eos_token_id
+    end_ids = set(end_ids if isinstance(end_ids, list) else [end_ids]) - {None}
     rows: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch"):
+    for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", disable=not progress):
         batch = examples[start : start + batch_size]
         texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
         inputs = processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True).to(device)
@@ -47,6 +51,7 @@ def generate_answers(
                     "reference": example.reference,
                     "answer": text.strip(),
                     "new_tokens": int((tokens != processor.tokenizer.pad_token_id).sum()),
+                    "stopped": any(int(t) in end_ids for t in tokens),
                 }
             )
     return rows
@@ -87,6 +92,17 @@ def confusion_matrix(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     matrix = pd.crosstab(table["disease"], predicted)
     columns = [c for c in sorted(DISEASES_BY_SLUG) if c in matrix.columns or c in matrix.index] + (["none"] if "none" in matrix.columns else [])
     return matrix.reindex(columns=columns, fill_value=0)
+
+
+def answer_stats(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """What a string can tell about a variant's answers: naming accuracy, mean length in tokens, and
+    the share that never emitted the end-of-turn token (the paper's Appendix B symptom of deep pruning)."""
+    frame = pd.DataFrame(rows)
+    return {
+        "naming accuracy": naming_accuracy(rows),
+        "mean answer tokens": float(frame["new_tokens"].mean()),
+        "never stopped": float((~frame["stopped"].astype(bool)).mean()) if "stopped" in frame else float("nan"),
+    }
 
 
 def peak_memory_gib() -> dict[str, float]:

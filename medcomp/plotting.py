@@ -37,3 +37,116 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "Held-out disease namin
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.tight_layout()
     return figure
+
+
+def layer_similarity(similarity: pd.Series, protected: Sequence[int], num_layers: int, title: str = "Figure 3 · similarity after removing one block"):
+    """The paper's Figure 3: mean answer similarity (Eq. 5) with each block removed; protected blocks marked."""
+    figure, axes = plt.subplots(figsize=(9, 3.6))
+    axes.bar(similarity.index, similarity.values, color="#4c72b0", label="removable block")
+    for layer in protected:
+        axes.axvspan(layer - 0.45, layer + 0.45, color="#bbbbbb", alpha=0.6, hatch="//", lw=0)
+    axes.bar([], [], color="#bbbbbb", hatch="//", label="protected (never removed)")
+    axes.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=7)
+    axes.set_xlim(-0.6, num_layers - 0.4)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("decoder block removed (0-based)")
+    axes.set_ylabel("mean cosine similarity of answers")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def rankings_side_by_side(orders: dict[str, Sequence[int]], layers: Sequence[int], title: str = "Removal order by criterion (1 = removed first)"):
+    """Each criterion's rank of every removable block, one line per criterion."""
+    figure, axes = plt.subplots(figsize=(9, 3.6))
+    for name, order in orders.items():
+        position = {layer: rank for rank, layer in enumerate(order, start=1)}
+        xs = [layer for layer in layers if layer in position]
+        axes.plot(xs, [position[layer] for layer in xs], marker="o", markersize=3, label=name)
+    axes.invert_yaxis()
+    axes.set_xlabel("decoder block (0-based)")
+    axes.set_ylabel("rank")
+    axes.set_title(title)
+    axes.legend(fontsize=8, ncol=3)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def correlation_heatmap(matrix: pd.DataFrame, title: str = "Spearman rank correlation between criteria"):
+    figure, axes = plt.subplots(figsize=(5, 4))
+    image = axes.imshow(matrix.values.astype(float), cmap="RdBu", vmin=-1, vmax=1)
+    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=30, ha="right")
+    axes.set_yticks(range(len(matrix.index)), matrix.index)
+    for (row, column), value in pd.DataFrame(matrix.values.astype(float)).stack().items():
+        axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    figure.tight_layout()
+    return figure
+
+
+def _wrap(text: str, width: int = 38, lines: int = 5) -> str:
+    import textwrap
+
+    wrapped = textwrap.wrap(text or "(empty)", width)
+    return "\n".join(wrapped[:lines]) + (" …" if len(wrapped) > lines else "")
+
+
+def prune_one_block_workflow(num_layers: int, cases: Sequence[dict[str, Any]], question: str,
+                             title: str = "Figure 2 · prune one block, answer, compare"):
+    """The paper's Figure 2 drawn from this run: per case, the block stack with the removed block
+    crossed out, the unpruned and pruned answers, and the similarity the criterion scored.
+
+    Each case: ``{"layer", "unpruned", "pruned", "similarity", "mean_similarity"}``.
+    """
+    from matplotlib.patches import Rectangle
+
+    figure, panels = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 5.2))
+    panels = [panels] if len(cases) == 1 else list(panels)
+    for axes, case in zip(panels, cases):
+        axes.set_xlim(0, 10)
+        axes.set_ylim(-1.5, num_layers + 3.5)
+        axes.axis("off")
+        height = 1.0
+        for layer in range(num_layers):
+            removed = layer == case["layer"]
+            axes.add_patch(Rectangle((0.3, layer), 2.2, height * 0.85, facecolor="#f4cccc" if removed else "#dbe5f1",
+                                     edgecolor="#c00000" if removed else "#4c72b0", lw=1.2 if removed else 0.6))
+            if removed:
+                axes.plot([0.3, 2.5], [layer, layer + 0.85], color="#c00000", lw=1.5)
+                axes.plot([0.3, 2.5], [layer + 0.85, layer], color="#c00000", lw=1.5)
+                axes.text(2.7, layer + 0.4, f"block {layer} removed", color="#c00000", va="center", fontsize=9)
+        axes.text(1.4, -1.0, "image + question", ha="center", fontsize=8)
+        axes.text(1.4, num_layers + 0.3, "answer", ha="center", fontsize=8)
+        axes.text(4.2, num_layers + 2.6, f"Q: {question}", fontsize=8, style="italic")
+        axes.text(4.2, num_layers * 0.62, "unpruned:\n" + _wrap(case["unpruned"]), fontsize=8, va="center",
+                  bbox={"facecolor": "#eef5ee", "edgecolor": "#88aa88"})
+        axes.text(4.2, num_layers * 0.22, f"without block {case['layer']}:\n" + _wrap(case["pruned"]), fontsize=8, va="center",
+                  bbox={"facecolor": "#fbeeee", "edgecolor": "#cc8888"})
+        axes.text(4.2, -1.0, f"cosine similarity (MiniLM) {case['similarity']:.2f}; block mean S_avg = {case['mean_similarity']:.2f}",
+                  fontsize=9, weight="bold")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def answers_at_levels(image_path: str, question: str, answers: dict[str, str], title: str = "Figure B2 · one question at every pruning level"):
+    """The paper's Figure B2: one image and question, answered by each pruning level."""
+    from PIL import Image
+
+    figure = plt.figure(figsize=(11, 1.2 + 0.9 * len(answers)))
+    image_axes = figure.add_axes([0.01, 0.55, 0.14, 0.4])
+    image_axes.imshow(Image.open(image_path))
+    image_axes.axis("off")
+    text_axes = figure.add_axes([0.17, 0.0, 0.82, 1.0])
+    text_axes.axis("off")
+    text_axes.text(0, 0.97, f"Q: {question}", fontsize=9, style="italic", va="top")
+    step = 0.9 / max(1, len(answers))
+    for row, (level, answer) in enumerate(answers.items()):
+        text_axes.text(0, 0.9 - row * step, f"{level}:", fontsize=9, weight="bold", va="top")
+        text_axes.text(0.16, 0.9 - row * step, _wrap(answer, 110, 2), fontsize=8, va="top")
+    figure.suptitle(title, x=0.5, y=1.02)
+    return figure

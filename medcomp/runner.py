@@ -1,21 +1,27 @@
 """Run the numbered notebooks headless with papermill, render HTML, and index the run.
 
 ``python -m medcomp run params/embedded.yaml`` executes every ``notebooks/NN_*.ipynb`` in order into
-``reports/<run_name>/``. A stage that finished under identical params is reused unless ``--force``;
-a failing notebook stops the run (exit code 1), keeps its executed copy with the error, and the
-index page shows it. Parameters passed to notebooks are paths only: secrets stay in the environment.
+``reports/<run_name>/``. A stage is reused only if nothing it depends on changed, as build tools
+decide: its params, its notebook's source, the ``medcomp`` package's source, and the executions of
+every stage before it (each execution gets a token; a later stage records the tokens it built on).
+So redoing a stage, by ``--force``, ``--only`` or a change, redoes every later stage on the next full
+run, and the index says why each stage ran or was reused. A failing notebook stops the run (exit
+code 1), keeps its executed copy with the error, and the index page shows it. Parameters passed to
+notebooks are paths only: secrets stay in the environment.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from medcomp.files import atomic_write_json, atomic_write_text
+from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
@@ -25,26 +31,56 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 @dataclass
 class StageOutcome:
     stage: str
-    status: str  # "ok", "reused", "failed", "not run"
+    status: str  # "ok", "reused", "failed", "not run", "stale"
     seconds: float
     html: str | None
     error: str | None = None
+    reason: str = ""
 
 
 def discover_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
 
 
+def notebook_fingerprint(notebook: Path) -> str:
+    """Hash of what a notebook computes: its cells' types and sources (not outputs, ids or metadata)."""
+    import nbformat
+
+    cells = nbformat.read(str(notebook), as_version=4).cells
+    return content_hash([(cell.cell_type, cell.source) for cell in cells], 16)
+
+
+def package_fingerprint(package_dir: Path = Path(__file__).resolve().parent) -> str:
+    """Hash of the ``medcomp`` package's source files."""
+    return content_hash({str(p.relative_to(package_dir)): p.read_text(encoding="utf-8") for p in sorted(package_dir.rglob("*.py"))}, 16)
+
+
 def _status_path(run_dir: Path, stage: str) -> Path:
     return run_dir / "stages" / stage / "status.json"
 
 
-def _finished(run_dir: Path, stage: str, fingerprint: str) -> dict[str, Any] | None:
+def _read_status(run_dir: Path, stage: str) -> dict[str, Any] | None:
     path = _status_path(run_dir, stage)
-    if not path.exists():
-        return None
-    status = json.loads(path.read_text(encoding="utf-8"))
-    return status if status.get("status") == "ok" and status.get("params_fingerprint") == fingerprint else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+_INPUT_NAMES = {"params": "its params changed", "notebook": "its notebook changed", "package": "the medcomp source changed"}
+
+
+def why_stale(status: dict[str, Any] | None, inputs: dict[str, Any]) -> str | None:
+    """None if a finished stage with ``status`` can be reused under ``inputs``, else the reason it cannot."""
+    if status is None:
+        return "never ran"
+    if status.get("status") != "ok":
+        return f"its last run {status.get('status', 'did not finish')}"
+    recorded = status.get("inputs", {})
+    for key, phrase in _INPUT_NAMES.items():
+        if recorded.get(key) != inputs[key]:
+            return phrase
+    changed = [stage for stage, token in inputs["upstream"].items() if recorded.get("upstream", {}).get(stage) != token]
+    if changed or set(recorded.get("upstream", {})) != set(inputs["upstream"]):
+        return f"an earlier stage was redone ({', '.join(changed) or 'stages changed'})"
+    return None
 
 
 def _terminal_text(text: str) -> str:
@@ -74,13 +110,45 @@ def tidy_streams(notebook) -> Any:
     return notebook
 
 
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
 def render_html(notebook: Path, target: Path) -> Path:
+    """HTML with code cells folded (expandable) and progress bars shown as a terminal shows them."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(tidy_streams(nbformat.read(str(notebook), as_version=4)))
+    exporter = HTMLExporter(extra_template_basedirs=[str(TEMPLATES_DIR)], template_file="folded.html.j2")
+    body, _ = exporter.from_notebook_node(tidy_streams(nbformat.read(str(notebook), as_version=4)))
     atomic_write_text(target, body)
     return target
+
+
+def _section_announcer(notebook: Path, stage: str):
+    """An nbclient ``on_cell_start`` hook that prints, in the terminal, the section a cell belongs to.
+
+    papermill's own bar only counts cells; a stage can sit on one cell for minutes. With this and the
+    kernel's stderr (progress bars) mirrored to the terminal, a user sees which step is running.
+    """
+    import nbformat
+
+    section_of: dict[str, str] = {}
+    current = "setup"
+    for cell in nbformat.read(str(notebook), as_version=4).cells:
+        if cell.cell_type == "markdown":
+            heading = next((line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")), None)
+            current = heading or current
+        elif "id" in cell:
+            section_of[cell.id] = current
+    announced: list[str] = []
+
+    def announce(cell, cell_index, **_):
+        section = section_of.get(cell.get("id", ""))
+        if section and (not announced or announced[-1] != section):
+            announced.append(section)
+            print(f"[medcomp] {stage} · {section}", file=sys.stderr, flush=True)
+
+    return announce
 
 
 def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutcome:
@@ -96,7 +164,9 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
             str(executed),
             parameters={"params_file": str(params_path), "run_dir": str(run_dir)},
             cwd=str(notebook.parent),
-            progress_bar=True,
+            progress_bar=False,
+            stderr_file=sys.stderr,  # the kernel's progress bars, live in the terminal
+            on_cell_start=_section_announcer(notebook, stage),
             kernel_name="python3",
         )
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
@@ -121,30 +191,42 @@ def run_pipeline(
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(run_dir, params, {"params_file": str(params_path)})
-    fingerprint = params.fingerprint()
+    shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
     outcomes: list[StageOutcome] = []
+    upstream: dict[str, str | None] = {}  # execution token of every earlier stage
     failed = False
     for notebook in discover_notebooks(notebooks_dir):
         stage = notebook.stem
+        inputs = {**shared, "notebook": notebook_fingerprint(notebook), "upstream": dict(upstream)}
+        previous = _read_status(run_dir, stage)
+        stale = why_stale(previous, inputs)
         if failed or (only and stage not in only):
-            previous = _finished(run_dir, stage, fingerprint)
-            outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html")) if previous else StageOutcome(stage, "not run", 0.0, None))
+            if previous is None:
+                outcomes.append(StageOutcome(stage, "not run", 0.0, None, reason="an earlier stage failed" if failed else "not selected by --only"))
+            else:
+                outcomes.append(StageOutcome(stage, "stale" if stale else "reused", previous["seconds"], previous.get("html"),
+                                             reason=f"not run now; {stale}" if stale else "not run now; up to date"))
+            upstream[stage] = previous.get("token") if previous else None
             continue
-        previous = None if force else _finished(run_dir, stage, fingerprint)
-        if previous:
-            print(f"[medcomp] {stage}: reusing the finished stage ({previous['seconds']:.0f} s); --force redoes it")
-            outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html")))
+        if not force and not only and stale is None:
+            print(f"[medcomp] {stage}: reusing the finished stage ({previous['seconds']:.0f} s): nothing it depends on changed; --force redoes it")
+            outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html"), reason="nothing it depends on changed"))
+            upstream[stage] = previous["token"]
             continue
-        print(f"[medcomp] {stage}: running")
+        reason = "--force" if force else "redone by --only" if only else stale
+        print(f"[medcomp] {stage}: running ({reason})")
         outcome = execute_stage(notebook, run_dir, params_path)
+        outcome.reason = reason
+        token = uuid.uuid4().hex[:16]
         atomic_write_json(
             _status_path(run_dir, stage),
-            {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html,
-             "error": outcome.error, "params_fingerprint": fingerprint},
+            {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html, "error": outcome.error,
+             "reason": reason, "token": token, "inputs": inputs},
         )
         print(f"[medcomp] {stage}: {outcome.status} in {outcome.seconds:.0f} s")
         outcomes.append(outcome)
+        upstream[stage] = token
         failed = outcome.status == "failed"
     write_index(run_dir, params, outcomes)
     return outcomes
@@ -163,7 +245,7 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
         link = f'<a href="{html.escape(outcome.html)}">{html.escape(outcome.stage)}</a>' if outcome.html else html.escape(outcome.stage)
         error = f'<pre class="error">{html.escape(outcome.error[-2000:])}</pre>' if outcome.error else ""
         rows.append(
-            f'<tr class="{outcome.status.replace(" ", "-")}"><td>{link}</td><td>{outcome.status}</td>'
+            f'<tr class="{outcome.status.replace(" ", "-")}"><td>{link}</td><td>{outcome.status}<br><small>{html.escape(outcome.reason)}</small></td>'
             f"<td>{outcome.seconds:.0f} s</td><td>{_summary_cell(summary)}{error}</td></tr>"
         )
     world_note = (
@@ -176,7 +258,7 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>medcomp run {html.escape(params.run_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}}tr.failed{{background:#fdd}}
-tr.ok{{background:#efe}}tr.reused{{background:#eef}}pre.error{{white-space:pre-wrap;font-size:12px}}</style></head><body>
+tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}pre.error{{white-space:pre-wrap;font-size:12px}}</style></head><body>
 <h1>medcomp run <code>{html.escape(params.run_name)}</code></h1>
 <p>Reproducing <i>Compression Strategies for Efficient Multimodal LLMs in Medical Contexts</i> (arXiv 2507.21976).</p>
 <p><b>{world_note}</b></p>

@@ -107,6 +107,10 @@ class Run:
         atomic_write_json(self.registry_path, registry)
         return path
 
+    def has_answers(self, variant: str) -> bool:
+        relative = self._registry()["answers"].get(variant)
+        return relative is not None and (self.directory / relative).exists()
+
     def answers(self, variant: str) -> list[dict[str, Any]]:
         relative = self._registry()["answers"].get(variant)
         if relative is None:
@@ -182,6 +186,23 @@ def write_manifest(run_dir: Path | str, params: Params, extra: dict[str, Any] | 
     return path
 
 
+def quiet_libraries() -> None:
+    """Silence load/save progress bars and info logging of the Hugging Face libraries through their
+    own switches, so reports carry this run's output only; errors still show."""
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        import datasets
+
+        datasets.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:
     """What every notebook does first: validate params, seed everything, set threads, open the run.
 
@@ -194,6 +215,7 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
     from medcomp.params import default_params_name, load_params
 
     params = load_params(default_params_name() if params_file == "auto" else params_file, overrides)
+    quiet_libraries()
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)
     run = Run.for_params(params, run_dir)

@@ -28,6 +28,54 @@ DISTRACTORS: tuple[tuple[str, str], ...] = (
 )
 
 
+# What the generator draws for each disease, in plain visual words, three ways. These are the
+# embedded model's pretraining captions (CLIP-style vision pretraining and LLaVA's stage 1): like
+# real CLIP and LLaVA pretraining data they describe what is seen and never name a disease, so
+# naming must still be learned in 01_finetune. A test keeps disease names out of them.
+CAPTIONS: dict[str, tuple[str, ...]] = {
+    "rosacea": (
+        "a large blurred red patch dotted with small dark red bumps",
+        "a broad soft-edged red flush with scattered tiny red dots",
+        "a wide area of diffuse redness with several small red papules",
+    ),
+    "actinic-keratosis": (
+        "two to four rough yellow-tan patches speckled with white flecks",
+        "several irregular tan patches with ragged edges and pale specks",
+        "scattered yellowish rough plaques sprinkled with white scale",
+    ),
+    "basal-cell-carcinoma": (
+        "a single pale pink round dome with a darker rim and thin red lines",
+        "one smooth pearly pink circle with a raised border and fine red vessels",
+        "a round translucent pink nodule outlined by a ring and crossed by red threads",
+    ),
+    "dermatitis": (
+        "a large blurred orange-red patch with dark red scratch lines",
+        "an ill-defined reddish orange area crossed by thin dark streaks",
+        "a soft-edged orange patch with several straight dark scratch marks",
+    ),
+    "melanoma": (
+        "an irregular dark brown blotch with black and lighter brown areas",
+        "one asymmetric spot in several shades of brown and black with a ragged border",
+        "a large uneven dark mark mixing black, brown and tan",
+    ),
+    "psoriasis": (
+        "one to three sharply bordered red ovals covered by silvery white scale",
+        "well-defined oval red plaques with a thick white centre and a red rim",
+        "oval plaques of white scale, each ringed by a thin red border",
+    ),
+    "lichen-planus": (
+        "many small flat purple polygons with thin white lines",
+        "a scatter of violet angular spots, each crossed by a short white line",
+        "numerous small purple flat-topped bumps spread across the skin",
+    ),
+    "seborrheic-keratosis": (
+        "a brown rounded rectangle with dark dots that looks stuck on the skin",
+        "one waxy brown plaque with a sharp edge and darker specks",
+        "a flat brown oblong plaque sprinkled with small dark dots",
+    ),
+}
+
+
 def _folder_of(slug: str) -> str:
     return next(rule["folder"] for rule in DERMNET_FOLDER_RULES if rule["disease"] == slug)
 
@@ -146,4 +194,32 @@ def generate_dermnet_like(
                 folder.mkdir(parents=True, exist_ok=True)
                 for index in range(1, distractors_per_folder + 1):
                     draw_lesion_image(stem, rng, image_size).save(folder / f"{stem}-{index}.jpg", quality=92)
+    return root
+
+
+def generate_captioned_images(
+    root: Path | str,
+    per_disease: int,
+    image_size: int = 96,
+    seed: int = 1000,
+) -> Path:
+    """The embedded model's pretraining set: ``root/images/<n>.jpg`` and ``root/captions.jsonl``.
+
+    Drawn by the same generator as the DermNet-layout dataset but from its own seed, and captioned
+    with ``CAPTIONS`` (one of its disease's three, chosen by the seed), never with a disease name.
+    File names are neutral numbers, so nothing downstream can read a label from them.
+    """
+    import json
+
+    rng = random.Random(seed)
+    root = Path(root)
+    with atomic_directory(root) as staging:
+        (staging / "images").mkdir()
+        rows = []
+        for index in range(per_disease * len(DISEASES)):
+            disease = DISEASES[index % len(DISEASES)]
+            path = staging / "images" / f"{index:05d}.jpg"
+            draw_lesion_image(disease.slug, rng, image_size).save(path, quality=92)
+            rows.append({"image": f"images/{path.name}", "group": disease.slug, "caption": rng.choice(CAPTIONS[disease.slug])})
+        (staging / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return root

@@ -1,8 +1,8 @@
 """QLoRA supervised finetuning of a LLaVA on VQA conversations (paper sections 3.1 and 3.3).
 
 The loss covers answer tokens only. LoRA adapters go on the language model's linear layers; the
-vision tower and projector can additionally train in full (``fully_trained_modules``), which the
-embedded model needs because its tower starts random. Training runs through ``transformers.Trainer``
+projector (or the tower) can additionally train in full (``fully_trained_modules``), as LLaVA-1.5's
+own finetune (stage 2) trains its projector. Training runs through ``transformers.Trainer``
 (progress bar, checkpoints every ``save_steps``: an interrupted run resumes from the last one).
 """
 
@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from medcomp.data import VQAExample, load_rgb
-from medcomp.files import atomic_directory, atomic_write_json, content_hash
-from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, load_llava, load_processor
+from medcomp.data import VQAConversation, VQAExample, load_rgb
+from medcomp.files import atomic_write_json, content_hash
+from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, load_llava, load_processor, save_with_processor
 from medcomp.params import FinetuneParams
 
 IGNORE_INDEX = -100
@@ -39,41 +39,50 @@ def _import_gptqmodel_quietly() -> None:
 _import_gptqmodel_quietly()
 
 
-def encode_for_training(processor, example: VQAExample) -> dict[str, torch.Tensor]:
-    """Tokenise one (image, question, answer) with labels on the answer tokens only.
+def encode_for_training(processor, example: VQAExample | VQAConversation) -> dict[str, torch.Tensor]:
+    """Tokenise one conversation (one image, one or more question/answer turns) with labels on the
+    answer tokens only.
 
-    The prompt is rendered by the processor's own chat template, with and without the answer; the
-    answer span is the difference. Prefix consistency is checked, not assumed.
+    Each answer's span is found by rendering the processor's own chat template up to the answer's
+    prompt and up to its end; tokenising every such prefix must give a prefix of the whole
+    conversation's tokens (checked, not assumed). Templates that end an assistant turn without EOS
+    (llava-1.5's) get one after every answer, as LLaVA's own training separator is: a model that never
+    sees one never learns to stop.
     """
-    prompt_text = processor.apply_chat_template(example.prompt_messages(), add_generation_prompt=True)
-    full_text = processor.apply_chat_template(example.messages())
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    messages = example.messages()
     image = load_rgb(example.image)
+
+    def tokens(text: str) -> torch.Tensor:
+        return processor(text=text, images=image, return_tensors="pt")["input_ids"][0]
+
+    full_text = processor.apply_chat_template(messages)
     full = processor(text=full_text, images=image, return_tensors="pt")
-    prompt_ids = processor(text=prompt_text, images=image, return_tensors="pt")["input_ids"][0]
     input_ids = full["input_ids"][0]
-    if not torch.equal(input_ids[: len(prompt_ids)], prompt_ids):
-        raise ValueError("tokenising the prompt alone gives different tokens than inside the conversation")
-    attention_mask = full["attention_mask"][0]
-    eos_id = processor.tokenizer.eos_token_id
-    if eos_id is not None and processor.tokenizer.eos_token not in full_text[len(prompt_text) :]:
-        # Some templates (llava-1.5's) end the assistant turn without EOS; a model that never sees
-        # one never learns to stop.
-        input_ids = torch.cat([input_ids, torch.tensor([eos_id])])
-        attention_mask = torch.cat([attention_mask, torch.tensor([1])])
-    labels = input_ids.clone()
-    labels[: len(prompt_ids)] = IGNORE_INDEX
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values": full["pixel_values"][0],
-        "labels": labels,
-    }
+    eos_id, eos_text = processor.tokenizer.eos_token_id, processor.tokenizer.eos_token
+    pieces: list[tuple[torch.Tensor, bool]] = []  # (token run, is an answer)
+    cursor = 0
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_text = processor.apply_chat_template(messages[:turn], add_generation_prompt=True)
+        upto_text = processor.apply_chat_template(messages[: turn + 1])
+        if not (full_text.startswith(prompt_text) and full_text.startswith(upto_text)):
+            raise ValueError("the chat template does not render each turn as a prefix of the conversation")
+        start, end = len(tokens(prompt_text)), len(tokens(upto_text))
+        if not torch.equal(input_ids[:end], tokens(upto_text)):
+            raise ValueError("tokenising a turn alone gives different tokens than inside the conversation")
+        pieces += [(input_ids[cursor:start], False), (input_ids[start:end], True)]
+        if eos_id is not None and eos_text not in upto_text[len(prompt_text) :]:
+            pieces.append((torch.tensor([eos_id]), True))
+        cursor = end
+    pieces.append((input_ids[cursor:], False))
+    ids = torch.cat([run for run, _ in pieces])
+    labels = torch.cat([run if is_answer else torch.full_like(run, IGNORE_INDEX) for run, is_answer in pieces])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": full["pixel_values"][0], "labels": labels}
 
 
 class VQATrainingSet(Dataset):
-    def __init__(self, processor, examples: Sequence[VQAExample]):
+    def __init__(self, processor, examples: Sequence[VQAExample | VQAConversation]):
         self.processor = processor
         self.examples = list(examples)
 
@@ -111,19 +120,23 @@ class LeftPadCollator:
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy over answer tokens, computing logits only where needed.
+    """Next-token cross-entropy over answer tokens, with the vocabulary projection computed only
+    where a label follows: at a 49k-token vocabulary it is a large share of a step, and in a
+    multi-turn conversation the questions between answers need none.
 
     Averaged over ``num_items`` answer tokens when given (the whole accumulated batch, as Trainer
     counts them), else over this batch's answer tokens.
     """
     batch = dict(batch)
     labels, span = batch.pop("labels"), int(batch.pop("answer_span"))
-    logits = model(**batch, logits_to_keep=span, use_cache=False).logits  # predicts the last span-1 tokens
+    # Only the last span positions can predict a label; of those, the ones followed by one do.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(**batch, use_cache=False).last_hidden_state[:, -span:-1]
     targets = labels[:, -(span - 1) :]
-    total = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = num_items if num_items is not None else (targets != IGNORE_INDEX).sum()
+    keep = targets != IGNORE_INDEX
+    logits = base.lm_head(hidden[keep])
+    total = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    count = num_items if num_items is not None else keep.sum()
     return total / count
 
 
@@ -178,6 +191,26 @@ def _precision_flags(params: FinetuneParams, device: str) -> dict[str, bool]:
     return {"fp16": mode == "fp16", "bf16": mode == "bf16"}
 
 
+def _one_progress_bar():
+    """Training shows as one bar, its postfix the latest loss: no per-step table (the notebook
+    callback draws one in a kernel) and no printed log dicts; the loss curve is plotted from
+    ``log_history`` instead."""
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import ProgressCallback
+
+    class TrainingBar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, desc="training", unit="step")
+            self.current_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+
+    return TrainingBar
+
+
 def _answer_loss_trainer():
     from transformers import Trainer
 
@@ -196,7 +229,7 @@ def _checkpoints_for(output_dir: Path, setup: list[Any], examples: Sequence[VQAE
     """
     import shutil
 
-    fingerprint = content_hash([*setup, params.model_dump(mode="json"), [(e.image, e.question) for e in examples]], 64)
+    fingerprint = content_hash([*setup, params.model_dump(mode="json"), [(e.image, repr(e.messages())) for e in examples]], 64)
     checkpoints = output_dir / "checkpoints"
     marker = checkpoints / "setup.sha256"
     if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != fingerprint):
@@ -208,7 +241,7 @@ def _checkpoints_for(output_dir: Path, setup: list[Any], examples: Sequence[VQAE
 
 @dataclass
 class FinetuneResult:
-    adapter_dir: Path | None  # None when no adapter was trained (the vision alignment)
+    adapter_dir: Path | None  # None when no adapter was trained (train_modules_only)
     merged_dir: Path
     log_history: list[dict[str, Any]]
     trainable_parameters: int
@@ -220,6 +253,10 @@ class FinetuneResult:
     def final_loss(self) -> float:
         """The last logged training loss (answer tokens), not the average over the run."""
         return next((entry["loss"] for entry in reversed(self.log_history) if "loss" in entry), float("nan"))
+
+    @property
+    def first_loss(self) -> float:
+        return next((entry["loss"] for entry in self.log_history if "loss" in entry), float("nan"))
 
 
 def _train(model, processor, examples: Sequence[VQAExample], params: FinetuneParams, output_dir: Path,
@@ -257,17 +294,15 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
         data_collator=LeftPadCollator(processor.tokenizer.pad_token_id),
         optimizers=(_optimizer(model, params), None),
     )
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer.remove_callback(NotebookProgressCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_one_progress_bar())
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if any(checkpoints.glob("checkpoint-*")) else None)
     return trainer, time.perf_counter() - started
-
-
-def _save_with_processor(model, processor, directory: Path) -> Path:
-    """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
-    with atomic_directory(Path(directory)) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-    return Path(directory)
 
 
 def _parameter_counts(model) -> tuple[int, int]:
@@ -283,14 +318,23 @@ def finetune(
     output_dir: Path,
     seed: int = 0,
 ) -> FinetuneResult:
-    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``."""
+    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``.
+
+    With ``params.multi_turn`` each image's questions form one conversation (the paper's format):
+    every sequence then teaches the image-to-name link, and no batch is padded to its longest
+    single answer.
+    """
+    from medcomp.data import as_multi_turn
+
     output_dir = Path(output_dir)
+    if params.multi_turn:
+        train_examples = as_multi_turn(train_examples)
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
     trainable, total = _parameter_counts(model)
     trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, model_dtype, seed], device, seed)
 
-    adapter_dir = _save_with_processor(model, processor, output_dir / "adapter")
+    adapter_dir = save_with_processor(model, processor, output_dir / "adapter")
     merged_dir = merge_adapter(source, adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
     return FinetuneResult(adapter_dir, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
@@ -299,7 +343,7 @@ def finetune(
 _MODULE_PREFIXES = {"vision_tower": VISION_TOWER, "multi_modal_projector": PROJECTOR}
 
 
-def align_vision(
+def train_modules_only(
     source: str,
     model_dtype: str,
     device: str,
@@ -307,36 +351,31 @@ def align_vision(
     params: FinetuneParams,
     output_dir: Path,
     seed: int = 0,
+    target_dir: Path | None = None,
 ) -> FinetuneResult:
-    """Train only ``fully_trained_modules`` (tower, projector) against the frozen language model of ``source``.
+    """Train only ``params.fully_trained_modules`` in full, everything else frozen: LLaVA's stage 1.
 
-    LLaVA's stage-1 objective, run after the SFT on the embedded model: the adapter has learned the
-    answers, and the vision side then learns to drive that adapted, frozen language model. In the
-    usual order (alignment, then SFT) the LoRA SFT undid the alignment here (89.7 % naming after
-    alignment, 41-51 % after the SFT that followed).
-
-    The model is loaded unquantized whatever ``params.quantization`` says: ``source`` is a merged
-    QLoRA model, and rounding it to nf4 again erases most of the merged adapter (measured: the
-    answer loss went from 0.45 back to 3.5). No adapter is involved, so the trained model is saved
-    as it is: with peft's zero-initialised LoRA layers in the way a step took 1.6-1.8 s, without 1.2 s.
+    Used by ``pretraining.build_pretrained_embedded_llava`` (projector learns to caption). The model
+    is loaded unquantized whatever ``params.quantization`` says: the frozen part is what later
+    stages start from, and rounding it would change it. No adapter is involved, so the model is
+    saved as it is, to ``target_dir`` (default ``output_dir/merged``).
     """
-    alignment = params.alignment
-    examples = [e for e in train_examples if e.question_kind in alignment.question_kinds]
-    stage_params = params.model_copy(update={"max_steps": alignment.steps, "modules_learning_rate": alignment.learning_rate})
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_llava(source, dtype=model_dtype, device=device)
     trained_prefixes = tuple(_MODULE_PREFIXES[name] + "." for name in params.fully_trained_modules)
+    if not trained_prefixes:
+        raise ValueError("train_modules_only needs fully_trained_modules; there is nothing to train")
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith(trained_prefixes))
     if params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, examples, stage_params, output_dir, [source, model_dtype, seed, "align"], device, seed)
+    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, model_dtype, seed, "modules"], device, seed)
 
-    merged_dir = _save_with_processor(model, processor, output_dir / "merged")
+    saved = save_with_processor(model, processor, target_dir or output_dir / "merged")
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
-    return FinetuneResult(None, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+    return FinetuneResult(None, saved, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
 
 
 def merge_adapter(
@@ -359,4 +398,4 @@ def merge_adapter(
     if quantization_config is not None:
         base = base.dequantize(dtype=TORCH_DTYPES[dtype])
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return _save_with_processor(merged, load_processor(str(adapter_dir)), merged_dir)
+    return save_with_processor(merged, load_processor(str(adapter_dir)), merged_dir)

@@ -86,3 +86,22 @@ def tiny_llava15_standin(tmp_path_factory) -> Path:
     model.to(torch.float16).save_pretrained(target)
     processor.save_pretrained(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_llava(tmp_path_factory) -> Path:
+    """The embedded recipe around a 4-layer random Qwen2 (its config carries ``layer_types``)."""
+    from transformers import CLIPVisionConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from medcomp.models import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    torch.manual_seed(0)
+    text = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=len(tokenizer) + 1, max_position_embeddings=512))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32)
+    model, processor = assemble_llava(text, tokenizer, vision, EMBEDDED_CHAT_TEMPLATE, "<|im_end|>")
+    target = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target

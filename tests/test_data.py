@@ -113,3 +113,50 @@ def test_conversations_three_questions_per_image(synthetic_root):
     assert features.question == f"What are the clinical features of {DISEASES_BY_SLUG[name.disease].name}?"  # the paper's follow-up names it
     messages = name.messages()
     assert messages[0]["content"][0] == {"type": "image"} and messages[1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("stem, disease", [
+    ("malignant-melanoma-back-3", "melanoma"),
+    ("Melanoma_Acral_12", "melanoma"),
+    ("lichen-planus-oral-7", "lichen-planus"),
+    ("oral-lichen-planus-2", "lichen-planus"),
+    ("basal-cell-carcinoma-nose-1", "basal-cell-carcinoma"),
+    ("actinic-keratoses-hands-04", "actinic-keratosis"),
+    ("psoriasis-scalp-11", "psoriasis"),
+])
+def test_rules_match_the_diseases_words_anywhere_in_the_name(stem, disease):
+    from medcomp.data import _compile_rules, disease_of
+    from medcomp.knowledge import DERMNET_FOLDER_RULES
+
+    rules = _compile_rules(DERMNET_FOLDER_RULES)
+    folder = next(rule["folder"] for rule in DERMNET_FOLDER_RULES if rule["disease"] == disease)
+    assert disease_of(folder, stem, rules) == (disease, None)
+
+
+def test_rules_respect_word_boundaries_and_skip_ambiguous_names():
+    from medcomp.data import _compile_rules, disease_of
+    from medcomp.knowledge import DERMNET_FOLDER_RULES
+
+    rules = _compile_rules(DERMNET_FOLDER_RULES)
+    malignant = "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions"
+    assert disease_of(malignant, "squamous-cell-carcinoma-3", rules) == (None, "no rule matches this file name")
+    assert disease_of(malignant, "hyperbasal-cellular-1", rules)[0] is None  # words, not substrings
+    disease, reason = disease_of(malignant, "actinic-keratosis-and-basal-cell-carcinoma-2", rules)
+    assert disease is None and reason == "ambiguous: the name matches actinic-keratosis and basal-cell-carcinoma"
+    assert disease_of("Atopic Dermatitis Photos", "eczema-hands-5", rules) == ("dermatitis", None)  # '*' claims the folder
+
+
+def test_ambiguous_files_are_listed_with_their_reason(tmp_path):
+    root = generate_dermnet_like(tmp_path / "d", 1, 1, 0, image_size=24)
+    folder = root / "train" / "Actinic Keratosis Basal Cell Carcinoma and other Malignant Lesions"
+    source = next(folder.glob("basal-cell-carcinoma-*.jpg"))
+    (folder / "actinic-keratosis-vs-basal-cell-carcinoma-1.jpg").write_bytes(source.read_bytes())
+    scan = scan_dermnet(root, ALL)
+    reasons = dict(zip(scan.skipped_table()["path"], scan.skipped_table()["reason"]))
+    assert reasons[str(folder / "actinic-keratosis-vs-basal-cell-carcinoma-1.jpg")].startswith("ambiguous")
+
+
+def test_an_invalid_rule_pattern_is_a_clear_error(synthetic_root):
+    rules = [{"disease": "melanoma", "folder": "Melanoma Skin Cancer Nevi and Moles", "pattern": "melanoma("}]
+    with pytest.raises(DatasetError, match="not a valid regular expression"):
+        scan_dermnet(synthetic_root, ["melanoma"], rules)

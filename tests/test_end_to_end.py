@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 
 MINIMAL = {
     "run_name": "e2e",
+    "model": {"embedded": {"pretraining": {"images_per_disease": 4, "image_size": 64, "vision_steps": 4, "vision_batch_size": 8,
+                                           "stage1_steps": 2, "stage1_batch_size": 4}}},
     "data": {"test_images": 8, "synthetic": {"train_per_disease": 2, "test_per_disease": 1, "image_size": 64}},
-    "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50, "alignment": {"steps": 2}},
+    "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "sample_answers": 3},
+    "importance": {"calibration_size": 4, "max_new_tokens": 4, "batch_size": 4},
+    "pruning": {"levels": [0.0, 0.0625, 0.21875], "magnitude_level": 0.21875},
 }
 
 
@@ -45,22 +49,34 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     index = (run_dir / "index.html").read_text()
     assert "01_finetune" in index and ">ok<" in index and "not the paper" in index
+    assert "02_layer_importance" in index and "03_prune" in index and "failed" not in index
     report = (run_dir / "01_finetune.html").read_text()
     assert "Held-out disease-naming accuracy" in report and "data:image/png;base64" in report
-    assert "held-out naming after the SFT alone" in report  # the alignment step ran after the SFT
-    for noise in ("GPT-QModel", "IProgress not found", "_pytree.py", "kernels-community"):
+    assert "before the finetune" in report and "embedded pretraining (bootstrap, cached)" in report
+    assert "<details" in report, "code cells are folded"
+    for noise in ("GPT-QModel", "IProgress not found", "_pytree.py", "kernels-community", "Loading weights", "Writing model shards",
+                  "Training Loss", "torchvision"):
         assert noise not in report, f"library noise in the report: {noise}"
+    importance_report = (run_dir / "02_layer_importance.html").read_text()
+    assert "Figure 3" in importance_report and "Figure 2" in importance_report and "Spearman" in importance_report
+    rankings = json.loads((run_dir / "stages" / "02_layer_importance" / "rankings.json").read_text())
+    assert set(rankings["orders"]) == {"similarity", "magnitude", "block_influence", "perplexity"} and rankings["num_layers"] == 30
+    prune_report = (run_dir / "03_prune.html").read_text()
+    assert "Table 1" in prune_report and "Figure B2" in prune_report and "paper: score" in prune_report
     run = Run(run_dir)
-    assert set(run.variants()) == {"finetuned"}
-    assert run.variant("finetuned").path.endswith("stages/01_finetune/alignment/merged")
-    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/alignment/merged"
-    assert len(run.answers("finetuned")) == 8 * 3
+    assert set(run.variants()) == {"finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude"}
+    assert run.variant("finetuned").path.endswith("stages/01_finetune/merged")
+    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/merged"
+    assert len(run.variant("pruned-7").layers_removed) == 7 and run.variant("pruned-7").parent == "finetuned"
+    assert run.variant("pruned-7").layers_removed == tuple(sorted(rankings["orders"]["similarity"][:7]))
+    for variant in ("finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude"):
+        assert len(run.answers(variant)) == 8 * 3
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
     assert "OPENAI_API_KEY" not in report and "api_key" not in json.dumps(manifest).lower()
 
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
-    assert again.returncode == 0 and "reusing the finished stage" in again.stdout
+    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 3
 
 
 def test_real_scale_path_on_a_llava15_shaped_standin(tmp_path, cache, tiny_llava15_standin, synthetic_root):

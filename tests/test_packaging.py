@@ -1,17 +1,48 @@
-"""The pins live in pyproject.toml; environment.yml must mirror them exactly."""
+"""pyproject.toml declares ranges; constraints.txt locks the tested set; environment.yml mirrors the lock."""
 
+import re
 import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_environment_yml_mirrors_pyproject_pins():
+def _key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock() -> dict[str, str]:
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    return {_key(name): version for name, version in (line.split("==") for line in lines)}
+
+
+def _declared() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    return [Requirement(spec) for spec in project["dependencies"] + extras["test"] + extras["awq"]]
+
+
+def test_pyproject_declares_ranges_not_pins():
+    for requirement in _declared():
+        assert not any(spec.operator == "==" for spec in requirement.specifier), f"{requirement} is pinned: pins belong in constraints.txt"
+    torch = next(r for r in _declared() if r.name == "torch")
+    assert torch.specifier.contains("2.6.0") and torch.specifier.contains("2.9.1"), "Kaggle's torch must satisfy the range"
+
+
+def test_every_declared_dependency_is_locked_within_its_range():
+    lock = _lock()
+    for requirement in _declared():
+        assert _key(requirement.name) in lock, f"{requirement.name} is not in constraints.txt"
+        assert requirement.specifier.contains(lock[_key(requirement.name)]), f"locked {requirement.name} outside {requirement}"
+
+
+def test_environment_yml_mirrors_the_lock():
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
-    assert set(pip_section) == pins
-    assert all("==" in pin for pin in pins), "every dependency is pinned"
+    mirrored = {_key(name): version for name, version in (pin.split("==") for pin in pip_section)}
+    lock = _lock()
+    assert set(mirrored) == {_key(r.name) for r in _declared()}
+    assert all(lock[name] == version for name, version in mirrored.items())

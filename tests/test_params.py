@@ -57,3 +57,15 @@ def test_fingerprint_tracks_every_setting():
     base = load_params("embedded")
     assert base.fingerprint() == load_params("embedded").fingerprint()
     assert base.fingerprint() != load_params("embedded", {"finetune": {"learning_rate": 1e-5}}).fingerprint()
+
+
+@pytest.mark.parametrize("name", [".", "..", "../elsewhere", "a/b", ".hidden", ""])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ParamsError, match="run_name"):
+        load_params("embedded", {"run_name": name})
+    assert load_params("embedded", {"run_name": "my-run_2.1"}).run_name == "my-run_2.1"
+
+
+def test_pretraining_images_need_their_own_seed():
+    with pytest.raises(ParamsError, match="pretraining.seed equals data.synthetic.seed"):
+        load_params("embedded", {"model": {"embedded": {"pretraining": {"seed": 0}}}})

@@ -21,3 +21,43 @@ def test_reports_show_progress_bars_as_a_terminal_would():
         ("display_data", None, None),
         ("stream", "stderr", "a warning\n"),
     ]
+
+
+def _tiny_notebook(path, body: str) -> None:
+    notebook = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    notebook.cells = [nbformat.v4.new_markdown_cell("# a stage\n## Work"),
+                      nbformat.v4.new_code_cell('params_file = "auto"\nrun_dir = None', metadata={"tags": ["parameters"]}),
+                      nbformat.v4.new_code_cell(body)]
+    nbformat.write(notebook, str(path))
+
+
+def test_stage_reuse_is_never_stale(tmp_path, monkeypatch):
+    """A stage is reused only if its params, notebook, the medcomp source and every earlier stage are unchanged."""
+    from medcomp import runner
+    from medcomp.params import PRESETS_DIR
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _tiny_notebook(notebooks / "01_first.ipynb", "print('first')")
+    _tiny_notebook(notebooks / "02_second.ipynb", "print('second')")
+    params = tmp_path / "p.yaml"
+    params.write_text((PRESETS_DIR / "embedded.yaml").read_text())
+    run_dir = tmp_path / "run"
+
+    def run(**kwargs):
+        outcomes = runner.run_pipeline(params, run_dir=run_dir, notebooks_dir=notebooks, **kwargs)
+        return [(o.status, o.reason) for o in outcomes]
+
+    assert run() == [("ok", "never ran"), ("ok", "never ran")]
+    assert run() == [("reused", "nothing it depends on changed")] * 2
+    _tiny_notebook(notebooks / "01_first.ipynb", "print('first, changed')")
+    assert run() == [("ok", "its notebook changed"), ("ok", "an earlier stage was redone (01_first)")]
+    # Redone by --only: the later stage is stale now, and the next full run redoes it.
+    assert run(only=["01_first"]) == [("ok", "redone by --only"), ("stale", "not run now; an earlier stage was redone (01_first)")]
+    assert run() == [("reused", "nothing it depends on changed"), ("ok", "an earlier stage was redone (01_first)")]
+    monkeypatch.setattr(runner, "package_fingerprint", lambda: "other source")
+    assert [status for status, _ in run()] == ["ok", "ok"] and run()[0][0] == "reused"
+    params.write_text(params.read_text().replace("seed: 0\nmodel:", "seed: 1\nmodel:"))
+    assert run()[0] == ("ok", "its params changed")
+    index = (run_dir / "index.html").read_text()
+    assert "its params changed" in index and "an earlier stage was redone" in index

@@ -1,0 +1,105 @@
+"""Every criterion finds a planted identity block; the sweep resumes; rankings are data 03 can read."""
+
+import copy
+
+import pytest
+import torch
+
+from medcomp import importance
+from medcomp.data import build_conversations, scan_dermnet, select_split
+from medcomp.knowledge import DISEASES
+from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.pruning import _renumber
+
+ALL = [d.slug for d in DISEASES]
+PLANTED = 2
+
+
+@pytest.fixture(scope="module")
+def calibration(synthetic_root):
+    return build_conversations(select_split(scan_dermnet(synthetic_root, ALL).images, "train", per_disease=1))[:6]
+
+
+@pytest.fixture(scope="module")
+def model_with_identity_block(tiny_embedded_model, calibration):
+    """The tiny model taught the calibration answers (so every real block matters), then given an
+    extra block at index 2 whose output equals its input (its output projections are zero)."""
+    from medcomp.training import LeftPadCollator, answer_loss, encode_for_training
+
+    model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
+    batch = LeftPadCollator(processor.tokenizer.pad_token_id)([encode_for_training(processor, e) for e in calibration])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(40):
+        optimizer.zero_grad()
+        answer_loss(model, batch).backward()
+        optimizer.step()
+    model.eval()
+    layers = decoder_layers(model)
+    identity = copy.deepcopy(layers[PLANTED - 1])
+    with torch.no_grad():
+        identity.self_attn.o_proj.weight.zero_()
+        identity.mlp.down_proj.weight.zero_()
+    layers.insert(PLANTED, identity)
+    _renumber(model)
+    return model, processor
+
+
+def test_every_criterion_ranks_the_identity_block_least_important(model_with_identity_block, calibration, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from medcomp.models import sentence_model_source
+
+    model, processor = model_with_identity_block
+    layers = list(range(len(decoder_layers(model))))
+    sentence = SentenceTransformer(sentence_model_source("packaged"), device="cpu")
+    sweep = importance.similarity_sweep(model, processor, calibration, sentence, layers, 8, 6, tmp_path / "cache.json")
+    assert sweep.loc[PLANTED, "similarity"] == pytest.approx(1.0, abs=1e-5)
+    orders = {
+        "similarity": importance.ranking(sweep["similarity"], higher_is_less_important=True),
+        "magnitude": importance.ranking(importance.magnitude_scores(model, layers), higher_is_less_important=False),
+        "block_influence": importance.ranking(importance.block_influence(model, processor, calibration, layers), higher_is_less_important=False),
+        "perplexity": importance.ranking(importance.perplexity_sweep(model, processor, calibration, layers), higher_is_less_important=False),
+    }
+    for name, order in orders.items():
+        assert order[0] == PLANTED, f"{name} ranked {order}"
+    assert importance.block_influence(model, processor, calibration, [PLANTED])[PLANTED] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_interrupted_sweep_resumes_without_recomputing(model_with_identity_block, calibration, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    from medcomp.models import sentence_model_source
+
+    model, processor = model_with_identity_block
+    sentence = SentenceTransformer(sentence_model_source("packaged"), device="cpu")
+    reference = importance.answer_texts(model, processor, calibration, 6, 6)
+    cache = tmp_path / "sweep.json"
+    first = importance.similarity_sweep(model, processor, calibration, sentence, [0, 1], 6, 6, cache, reference=reference)
+    calls = []
+    real = importance.generate_answers
+    monkeypatch.setattr(importance, "generate_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = importance.similarity_sweep(model, processor, calibration, sentence, [0, 1, 3], 6, 6, cache, reference=reference)
+    assert len(calls) == 1, "only the new layer is generated"
+    assert resumed.loc[[0, 1], "similarity"].tolist() == first["similarity"].tolist()
+    calls.clear()
+    importance.similarity_sweep(model, processor, calibration, sentence, [0], 7, 6, cache, reference=reference)
+    assert len(calls) == 1, "another answer length is another setup: nothing is reused"
+
+
+def test_rankings_round_trip_and_correlate(tmp_path):
+    import pandas as pd
+
+    scores = {"a": pd.Series({2: 0.9, 3: 0.1, 4: 0.5}), "b": pd.Series({2: 1.0, 3: 3.0, 4: 2.0})}
+    orders = {"a": importance.ranking(scores["a"], True), "b": importance.ranking(scores["b"], False)}
+    assert orders == {"a": [2, 4, 3], "b": [2, 4, 3]}
+    correlations = importance.rank_correlations(orders, [2, 3, 4])
+    assert correlations.loc["a", "b"] == pytest.approx(1.0)
+    table = importance.rankings_table(scores, orders)
+    importance.save_rankings(tmp_path, orders, table, {"num_layers": 6})
+    assert importance.load_rankings(tmp_path)["orders"] == orders
+    with pytest.raises(FileNotFoundError, match="run 02_layer_importance first"):
+        importance.load_rankings(tmp_path / "missing")
+    with pytest.raises(ValueError, match="exceeds"):
+        importance.sample_calibration([], 3, 0)
