@@ -200,8 +200,8 @@ def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers
 
 def ranking(scores: pd.Series, higher_is_less_important: bool) -> list[int]:
     """Layers least important first; ties broken by layer index, so a ranking is deterministic."""
-    frame = scores.rename("score").to_frame().assign(layer=scores.index)
-    return [int(i) for i in frame.sort_values(["score", "layer"], ascending=[not higher_is_less_important, True])["layer"]]
+    sign = -1 if higher_is_less_important else 1
+    return sorted((int(layer) for layer in scores.index), key=lambda layer: (sign * float(scores[layer]), layer))
 
 
 def rankings_table(scores: dict[str, pd.Series], orders: dict[str, list[int]]) -> pd.DataFrame:

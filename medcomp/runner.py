@@ -118,7 +118,7 @@ def render_html(notebook: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(extra_template_basedirs=[str(TEMPLATES_DIR)], template_file="folded.html.j2")
+    exporter = HTMLExporter(template_name="lab", extra_template_paths=[str(TEMPLATES_DIR)], template_file="folded.html.j2")
     body, _ = exporter.from_notebook_node(tidy_streams(nbformat.read(str(notebook), as_version=4)))
     atomic_write_text(target, body)
     return target

@@ -88,21 +88,3 @@ def test_checkpoints_of_another_setup_are_not_resumed(tiny_embedded_model, synth
     other = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "learning_rate": 1e-5}}).finetune
     result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, other, tmp_path / "ft")
     assert result.train_seconds > 0.05 and [e["step"] for e in result.log_history if "loss" in e][0] == 1
-
-
-def test_alignment_trains_only_the_vision_side(tiny_embedded_model, synthetic_root, tmp_path):
-    from medcomp.training import align_vision
-
-    params = load_params("embedded", {"finetune": {"alignment": {"steps": 2}, "batch_size": 4}}).finetune
-    result = align_vision(str(tiny_embedded_model), "float32", "cpu", _examples(synthetic_root), params, tmp_path / "align")
-    assert result.steps == 2 and result.adapter_dir is None
-    assert 0 < result.trainable_parameters < result.total_parameters / 2
-    start, aligned = load_llava(str(tiny_embedded_model)), load_llava(str(result.merged_dir))
-    assert not torch.equal(start.model.multi_modal_projector.linear_2.weight, aligned.model.multi_modal_projector.linear_2.weight)
-    # The frozen language model comes back bit for bit, although the params ask for nf4 QLoRA:
-    # re-rounding a merged model to nf4 would erase what its adapter learned.
-    assert params.quantization == "nf4"
-    language_model = {name: tensor for name, tensor in start.model.language_model.state_dict().items()}
-    assert all(torch.equal(tensor, language_model[name]) for name, tensor in aligned.model.language_model.state_dict().items())
-    with pytest.raises(ValueError, match="fully_trained_modules"):
-        load_params("kaggle_t4", {"finetune": {"alignment": {"steps": 5}}})
