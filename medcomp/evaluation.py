@@ -33,16 +33,21 @@ def generate_answers(
     device = next(model.parameters()).device
     end_ids = model.generation_config.eos_token_id
     end_ids = set(end_ids if isinstance(end_ids, list) else [end_ids]) - {None}
-    rows: list[dict[str, Any]] = []
+    # Batches of one question kind: a batch decodes until its longest answer ends, so mixing short
+    # naming answers with long follow-ups makes every row pay for the longest. Rows come back in
+    # the order of ``examples``.
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].question_kind, i))
+    rows_by_index: dict[int, dict[str, Any]] = {}
     for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", disable=not progress):
-        batch = examples[start : start + batch_size]
+        indices = order[start : start + batch_size]
+        batch = [examples[i] for i in indices]
         texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
         inputs = processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        for example, tokens, text in zip(batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
-            rows.append(
+        for index, example, tokens, text in zip(indices, batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
+            rows_by_index[index] = (
                 {
                     "image": example.image,
                     "disease": example.disease,
@@ -54,7 +59,7 @@ def generate_answers(
                     "stopped": any(int(t) in end_ids for t in tokens),
                 }
             )
-    return rows
+    return [rows_by_index[i] for i in range(len(examples))]
 
 
 def _alias_pattern(alias: str) -> re.Pattern[str]:

@@ -175,14 +175,18 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
     return pd.Series({i: totals[i] / count for i in layers}, name="block_influence")
 
 
+def _teacher_forced_batches(processor, calibration: Sequence[VQAExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [_teacher_forced_batch(processor, calibration[start : start + batch_size]) for start in range(0, len(calibration), batch_size)]
+
+
 @torch.no_grad()
-def reference_perplexity(model, processor, calibration: Sequence[VQAExample], batch_size: int = 16) -> float:
-    """exp of the mean cross-entropy over the reference answers' tokens."""
+def reference_perplexity(model, processor, calibration: Sequence[VQAExample], batch_size: int = 16,
+                         batches: Sequence[dict[str, torch.Tensor]] | None = None) -> float:
+    """exp of the mean cross-entropy over the reference answers' tokens (``batches``: pre-encoded)."""
     from medcomp.training import IGNORE_INDEX, answer_loss
 
     total, tokens = 0.0, 0
-    for start in range(0, len(calibration), batch_size):
-        batch = _teacher_forced_batch(processor, calibration[start : start + batch_size])
+    for batch in batches if batches is not None else _teacher_forced_batches(processor, calibration, batch_size):
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(answer_loss(model, batch)) * n
         tokens += n
@@ -191,10 +195,11 @@ def reference_perplexity(model, processor, calibration: Sequence[VQAExample], ba
 
 def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16) -> pd.Series:
     """Reference-answer perplexity with each block removed in turn (low = removed first)."""
+    batches = _teacher_forced_batches(processor, calibration, batch_size)  # tokenised once, not once per layer
     scores = {}
     for layer in tqdm(layers, desc="perplexity sweep", unit="layer"):
         with without_layers(model, [layer]):
-            scores[layer] = reference_perplexity(model, processor, calibration, batch_size)
+            scores[layer] = reference_perplexity(model, processor, calibration, batch_size, batches)
     return pd.Series(scores, name="perplexity")
 
 

@@ -77,6 +77,13 @@ def sentence_model_source(model_id: str) -> str:
     return model_id
 
 
+def load_sentence_model(model_id: str = "packaged"):
+    """all-MiniLM-L6-v2 through sentence-transformers: the offline packaged copy, or a hub id."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(sentence_model_source(model_id), device="cpu")
+
+
 def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path, dataset_images: Sequence[str] = ()) -> str:
     """A hub id or local path passes through; ``embedded:<name>`` is built once and cached.
 

@@ -155,9 +155,7 @@ def build_pretrained_embedded_llava(
     seed: int = 0,
 ) -> Path:
     """Assembled model -> vision-pretrained (cached) -> stage-1 aligned (cached) at ``output_dir``."""
-    from sentence_transformers import SentenceTransformer
-
-    from medcomp.models import sentence_model_source
+    from medcomp.models import load_sentence_model
     from medcomp.params import FinetuneParams
     from medcomp.training import train_modules_only
 
@@ -168,7 +166,7 @@ def build_pretrained_embedded_llava(
     vision_dir = output_dir.parent / f"{output_dir.name}.vision"
     if not (vision_dir / "config.json").exists():
         model, processor = load_llava(str(assembled_dir)), load_processor(str(assembled_dir))
-        sentence_model = SentenceTransformer(sentence_model_source(sentence_model_id), device="cpu")
+        sentence_model = load_sentence_model(sentence_model_id)
         torch.manual_seed(seed)
         vision = pretrain_vision_tower(model, processor, images, sentence_model, settings["vision_steps"],
                                        settings["vision_batch_size"], settings["vision_learning_rate"], seed=seed)

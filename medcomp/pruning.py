@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from medcomp.files import atomic_write_json
 from medcomp.models import count_parameters, decoder_layers, load_llava, load_processor, save_with_processor, tensor_bytes
@@ -164,7 +163,7 @@ def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], 
     results = []
     registered = run.variants()
     parent_layers = AutoConfig.from_pretrained(parent.path).text_config.num_hidden_layers
-    for step in tqdm(plan, desc="pruning levels", unit="level"):
+    for step in plan:  # each level's answering shows its own bar; nested bars garble a notebook's output
         started = time.perf_counter()
         if step.name == parent.name:
             variant, answers = parent, run.answers(parent.name)
