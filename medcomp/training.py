@@ -68,9 +68,7 @@ def encode_for_training(processor, example: VQAExample | VQAConversation) -> dic
         upto_text = processor.apply_chat_template(messages[: turn + 1])
         if not (full_text.startswith(prompt_text) and full_text.startswith(upto_text)):
             raise ValueError("the chat template does not render each turn as a prefix of the conversation")
-        start, end = len(tokens(prompt_text)), len(tokens(upto_text))
-        if not torch.equal(input_ids[:end], tokens(upto_text)):
-            raise ValueError("tokenising a turn alone gives different tokens than inside the conversation")
+        start, end = _shared_prefix(input_ids, tokens(prompt_text)), _shared_prefix(input_ids, tokens(upto_text))
         pieces += [(input_ids[cursor:start], False), (input_ids[start:end], True)]
         if eos_id is not None and eos_text not in upto_text[len(prompt_text) :]:
             pieces.append((torch.tensor([eos_id]), True))
@@ -79,6 +77,21 @@ def encode_for_training(processor, example: VQAExample | VQAConversation) -> dic
     ids = torch.cat([run for run, _ in pieces])
     labels = torch.cat([run if is_answer else torch.full_like(run, IGNORE_INDEX) for run, is_answer in pieces])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": full["pixel_values"][0], "labels": labels}
+
+
+def _shared_prefix(whole: torch.Tensor, prefix: torch.Tensor) -> int:
+    """How many leading tokens of ``prefix`` the whole conversation shares.
+
+    All of them, or all but the last: a prefix that ends in whitespace (llava-1.5's template puts a
+    space after each answer) tokenises that space alone, while inside the conversation it merges
+    with the next word. Any other difference means the template does not render turns as prefixes.
+    """
+    length = min(len(whole), len(prefix))
+    mismatch = (whole[:length] != prefix[:length]).nonzero()
+    shared = int(mismatch[0]) if len(mismatch) else length
+    if shared < len(prefix) - 1:
+        raise ValueError("tokenising a turn alone gives different tokens than inside the conversation")
+    return shared
 
 
 class VQATrainingSet(Dataset):

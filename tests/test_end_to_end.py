@@ -49,7 +49,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     index = (run_dir / "index.html").read_text()
     assert "01_finetune" in index and ">ok<" in index and "not the paper" in index
-    assert "02_layer_importance" in index and "03_prune" in index and "failed" not in index
+    assert "02_layer_importance" in index and "03_prune" in index and ">failed<" not in index
     report = (run_dir / "01_finetune.html").read_text()
     assert "Held-out disease-naming accuracy" in report and "data:image/png;base64" in report
     assert "before the finetune" in report and "embedded pretraining (bootstrap, cached)" in report

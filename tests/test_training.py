@@ -88,3 +88,21 @@ def test_checkpoints_of_another_setup_are_not_resumed(tiny_embedded_model, synth
     other = load_params("embedded", {"finetune": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "learning_rate": 1e-5}}).finetune
     result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, other, tmp_path / "ft")
     assert result.train_seconds > 0.05 and [e["step"] for e in result.log_history if "loss" in e][0] == 1
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embedded_model", "tiny_llava15_standin"])
+def test_multi_turn_labels_cover_every_answer_and_nothing_else(fixture, request, synthetic_root):
+    from medcomp.data import as_multi_turn
+
+    processor = load_processor(str(request.getfixturevalue(fixture)))
+    conversation = as_multi_turn(_examples(synthetic_root))[0]
+    assert [t.question_kind for t in conversation.turns] == ["name", "features", "treatment"]
+    encoded = encode_for_training(processor, conversation)
+    labelled = encoded["labels"] != IGNORE_INDEX
+    text = processor.tokenizer.decode(encoded["input_ids"][labelled])
+    for turn in conversation.turns:
+        assert turn.reference in text and turn.question not in text
+    # one end-of-answer token per answer, labelled, so the model learns to stop after each
+    eos = processor.tokenizer.eos_token_id
+    assert int(((encoded["input_ids"] == eos) & labelled).sum()) == 3
+    assert int((encoded["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 4
