@@ -274,6 +274,15 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return base.model.language_model.layers
 
 
+def checkpoint_identity(directory: str | Path) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of a checkpoint's weight files: changes whenever it is rewritten.
+
+    Results computed from a checkpoint (a pruned copy, a sweep cache) record it, so they are never
+    served for a checkpoint that was rebuilt in the meantime, even one that answers the same.
+    """
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.safetensors"))
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from medcomp.files import atomic_write_json
-from medcomp.models import count_parameters, decoder_layers, load_llava, load_processor, save_with_processor, tensor_bytes
+from medcomp.models import checkpoint_identity, count_parameters, decoder_layers, load_llava, load_processor, save_with_processor, tensor_bytes
 from medcomp.runs import Variant
 
 if TYPE_CHECKING:
@@ -141,20 +141,37 @@ def pruning_plan(orders: dict[str, Sequence[int]], ranking: str, levels: Sequenc
 
 
 def prune_and_save(source: str, layers: Sequence[int], target: Path, dtype: str = "float32") -> Path:
-    """Load ``source``, remove ``layers``, ``save_pretrained`` model and processor to ``target`` (atomic)."""
+    """Load ``source``, remove ``layers``, ``save_pretrained`` model and processor to ``target`` (atomic).
+
+    ``pruning.json`` records the layers and which checkpoint of ``source`` they were removed from.
+    """
     model = load_llava(source, dtype=dtype)
     drop_layers(model, layers)
     save_with_processor(model, load_processor(source), target)
-    atomic_write_json(Path(target) / "pruning.json", {"source": str(source), "layers_removed": sorted(layers)})
+    atomic_write_json(Path(target) / "pruning.json", {"source": str(source), "source_identity": checkpoint_identity(source),
+                                                       "layers_removed": sorted(layers)})
     return Path(target)
+
+
+def pruned_from(target: str | Path, source: str | Path, layers: Sequence[int]) -> bool:
+    """True if ``target`` holds exactly ``layers`` removed from the current checkpoint of ``source``."""
+    record = Path(target) / "pruning.json"
+    if not record.exists():
+        return False
+    import json
+
+    saved = json.loads(record.read_text())
+    current = [list(item) for item in checkpoint_identity(source)]
+    return saved.get("layers_removed") == sorted(layers) and saved.get("source_identity") == current
 
 
 def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], test_examples, dtype: str, device: str,
                  max_new_tokens: int, batch_size: int) -> list[dict[str, Any]]:
     """For each step: prune, save, reload, count, answer the test set, register the variant and its answers.
 
-    A step whose variant is already registered with the same layers and answered is read back, so an
-    interrupted stage resumes. Level 0 is ``parent`` itself, with the answers it already has.
+    A step already built from the current ``parent`` checkpoint with the same layers, registered and
+    answered, is read back, so an interrupted stage resumes; a rebuilt parent rebuilds every level.
+    Level 0 is ``parent`` itself, with the answers it already has.
     """
     from medcomp.evaluation import answer_stats, generate_answers
 
@@ -170,8 +187,9 @@ def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], 
             model = load_llava(parent.path, dtype=dtype, device=device)
         else:
             existing = registered.get(step.name)
-            reusable = existing is not None and existing.layers_removed == step.layers and run.has_answers(step.name) and Path(existing.path).exists()
             target = run.stage_dir(stage) / step.name
+            reusable = (existing is not None and existing.layers_removed == step.layers and run.has_answers(step.name)
+                        and pruned_from(target, parent.path, step.layers))
             if not reusable:
                 prune_and_save(parent.path, step.layers, target, dtype)
             model = load_llava(str(target), dtype=dtype, device=device)

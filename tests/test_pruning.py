@@ -138,3 +138,16 @@ def test_plan_names_levels_and_adds_the_magnitude_baseline():
     plan = pruning_plan(orders, "similarity", [(0.0, 0), (0.25, 2)], magnitude_fraction=0.25)
     assert [(s.name, s.ranking, s.layers) for s in plan] == [
         ("finetuned", "similarity", ()), ("pruned-2", "similarity", (3, 5)), ("pruned-2-magnitude", "magnitude", (2, 4))]
+
+
+def test_a_pruned_model_knows_which_checkpoint_it_came_from(tiny_embedded_model, tmp_path):
+    import shutil
+
+    from medcomp.pruning import pruned_from
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_embedded_model, source)
+    target = prune_and_save(str(source), [1], tmp_path / "pruned")
+    assert pruned_from(target, source, [1]) and not pruned_from(target, source, [2])
+    (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())  # the parent is rewritten
+    assert not pruned_from(target, source, [1]), "a rebuilt parent must never serve stale pruned models"
