@@ -85,12 +85,9 @@ def similarity_sweep(
     pruned answers. ``reference`` (the unpruned answers) is generated if not given. Finished layers
     are read back from ``cache_path``; results of another setup there are discarded.
     """
-    cache = LayerCache(cache_path, [setup, [(e.image, e.question) for e in calibration], max_new_tokens, batch_size])
     if reference is None:
         reference = answer_texts(model, processor, calibration, max_new_tokens, batch_size)
-    if cache.get("unpruned") not in (None, list(reference)):
-        cache = LayerCache(cache_path, [setup, "reference changed", list(reference)])  # a different model: start afresh
-    cache.put("unpruned", list(reference))
+    cache = LayerCache(cache_path, [setup, [(e.image, e.question) for e in calibration], max_new_tokens, batch_size, list(reference)])
     reference_embeddings = embed(sentence_model, reference)
     rows = []
     for layer in tqdm(layers, desc="prune-one-block sweep", unit="layer"):
@@ -137,7 +134,8 @@ def _teacher_forced_batch(processor, examples: Sequence[VQAExample]) -> dict[str
 
 
 @torch.no_grad()
-def block_influence(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16) -> pd.Series:
+def block_influence(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16,
+                    batches: Sequence[dict[str, torch.Tensor]] | None = None) -> pd.Series:
     """ShortGPT's Block Influence: 1 - cos(input, output) of each block, averaged over answer tokens.
 
     One teacher-forced forward per batch (image, question, reference answer), hooks on every block.
@@ -147,8 +145,8 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
     blocks = decoder_layers(model)
     totals = {i: 0.0 for i in layers}
     count = 0
-    for start in range(0, len(calibration), batch_size):
-        batch = _teacher_forced_batch(processor, calibration[start : start + batch_size])
+    for batch in batches if batches is not None else teacher_forced_batches(processor, calibration, batch_size):
+        batch = dict(batch)
         labels, _ = batch.pop("labels"), batch.pop("answer_span")
         # A label at position t+1 marks position t's hidden state as one that predicts an answer token.
         answer_positions = torch.zeros_like(labels, dtype=torch.bool)
@@ -175,7 +173,8 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
     return pd.Series({i: totals[i] / count for i in layers}, name="block_influence")
 
 
-def _teacher_forced_batches(processor, calibration: Sequence[VQAExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
+def teacher_forced_batches(processor, calibration: Sequence[VQAExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The calibration set tokenised with its reference answers, once for every forward-only criterion."""
     return [_teacher_forced_batch(processor, calibration[start : start + batch_size]) for start in range(0, len(calibration), batch_size)]
 
 
@@ -186,16 +185,18 @@ def reference_perplexity(model, processor, calibration: Sequence[VQAExample], ba
     from medcomp.training import IGNORE_INDEX, answer_loss
 
     total, tokens = 0.0, 0
-    for batch in batches if batches is not None else _teacher_forced_batches(processor, calibration, batch_size):
+    for batch in batches if batches is not None else teacher_forced_batches(processor, calibration, batch_size):
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(answer_loss(model, batch)) * n
         tokens += n
     return float(np.exp(total / tokens))
 
 
-def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16) -> pd.Series:
+def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16,
+                     batches: Sequence[dict[str, torch.Tensor]] | None = None) -> pd.Series:
     """Reference-answer perplexity with each block removed in turn (low = removed first)."""
-    batches = _teacher_forced_batches(processor, calibration, batch_size)  # tokenised once, not once per layer
+    if batches is None:
+        batches = teacher_forced_batches(processor, calibration, batch_size)  # tokenised once, not once per layer
     scores = {}
     for layer in tqdm(layers, desc="perplexity sweep", unit="layer"):
         with without_layers(model, [layer]):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -84,13 +84,15 @@ def load_sentence_model(model_id: str = "packaged"):
     return SentenceTransformer(sentence_model_source(model_id), device="cpu")
 
 
-def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path, dataset_images: Sequence[str] = ()) -> str:
+def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path,
+                         dataset_images: Callable[[], Sequence[str]] = tuple) -> str:
     """A hub id or local path passes through; ``embedded:<name>`` is built once and cached.
 
     The embedded build has three cached steps, each in a folder named after the hash of every
     setting it depends on, so changing a setting rebuilds that step and the ones after it:
     assembly, then (see ``medcomp.pretraining``) vision pretraining and LLaVA's stage 1.
-    ``dataset_images`` are checked to share no picture with the pretraining images.
+    ``dataset_images()`` (called only when the pretrained model must be built) lists the train and
+    test images the pretraining images are checked to share no picture with.
     """
     if not model_id.startswith(EMBEDDED_MODEL_PREFIX):
         return model_id
@@ -112,7 +114,7 @@ def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir
         generate_captioned_images(pretraining_root, pretraining["images_per_disease"], pretraining["image_size"], pretraining["seed"])
     pretrained = models_dir / f"{assembled.name}-pretrained-{content_hash([PRETRAINING_RECIPE_VERSION, pretraining])}"
     if not (pretrained / "pretraining.json").exists():
-        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images), pretraining, seed=pretraining["seed"])
+        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images()), pretraining, seed=pretraining["seed"])
     return str(pretrained)
 
 
@@ -300,10 +302,9 @@ def resolve_device(device: str) -> str:
 
 def prepare_model_source(params) -> str:
     """The model to start from, per params: a hub id/path as given, or the cached embedded build."""
-    dataset_images: list[str] = []
-    if params.model.id.startswith(EMBEDDED_MODEL_PREFIX):
-        from medcomp.data import prepare_dataset
+    from medcomp.data import prepare_dataset
 
-        dataset = prepare_dataset(params)
-        dataset_images = [image.path for image in dataset.scan.images]
+    def dataset_images() -> list[str]:
+        return [image.path for image in prepare_dataset(params).scan.images]
+
     return resolve_model_source(params.model.id, params.model.embedded.model_dump(), params.runtime.cache_path(), dataset_images)

@@ -11,7 +11,8 @@ naming is still learned in ``01_finetune``, as on the real model.
 1. ``pretrain_vision_tower``: CLIP-style contrastive learning of the tower against frozen
    all-MiniLM-L6-v2 embeddings of the captions (the text side of CLIP, here a sentence model
    that ships offline), on exactly the features LLaVA reads (``vision_feature_layer``).
-2. ``align_projector``: LLaVA's stage 1, "Describe the lesion." -> caption, projector only.
+2. LLaVA's stage 1 (``training.train_modules_only`` on ``stage1_examples``): "Describe the lesion."
+   -> caption, projector only.
 """
 
 from __future__ import annotations
@@ -135,8 +136,6 @@ def pretrain_vision_tower(
     with torch.no_grad():
         nearest = torch.cat([logits(chunk).argmax(dim=-1) for chunk in heldout.split(256)])
         accuracy = float((caption_group[nearest] == image_group[heldout]).float().mean())
-    for parameter in tower.parameters():
-        parameter.requires_grad_(True)
     return VisionPretrainingResult(losses, accuracy, len(heldout), seconds)
 
 
@@ -183,12 +182,12 @@ def build_pretrained_embedded_llava(
         modules_learning_rate=settings["stage1_learning_rate"], warmup_ratio=0.05,
         mixed_precision="no", logging_steps=5, save_steps=10_000,
     )
-    aligned = train_modules_only(str(vision_dir), "float32", "cpu", stage1_examples(images), stage1,
-                                 output_dir.parent / f"{output_dir.name}.stage1-work", seed=seed, target_dir=output_dir)
+    work_dir = output_dir.parent / f"{output_dir.name}.stage1-work"  # checkpoints while stage 1 runs
+    aligned = train_modules_only(str(vision_dir), "float32", "cpu", stage1_examples(images), stage1, work_dir, seed=seed, target_dir=output_dir)
     report |= {"stage 1 steps": aligned.steps, "stage 1 first loss": aligned.first_loss, "stage 1 last loss": aligned.final_loss,
                "stage 1 (s)": round(aligned.train_seconds, 1), "stage 1 trained": PROJECTOR}
     atomic_write_json(output_dir / "pretraining.json", report)
-    shutil.rmtree(output_dir.parent / f"{output_dir.name}.stage1-work", ignore_errors=True)  # checkpoints of a finished build
+    shutil.rmtree(work_dir, ignore_errors=True)
     return output_dir
 
 
