@@ -123,3 +123,41 @@ def peak_memory_gib() -> dict[str, float]:
     if torch.cuda.is_available():
         peaks["peak GPU memory (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return peaks
+
+
+class PeakMemory:
+    """Peak memory while a block runs: resident RAM sampled every ``interval`` seconds (the process's
+    lifetime peak cannot tell one SFT from the next in one kernel), and allocated GPU memory on CUDA.
+
+    ``with PeakMemory() as peak: ...`` then ``peak.gib`` is ``{"peak RAM (GiB)": ..., ...}``.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.gib: dict[str, float] = {}
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        import psutil
+
+        self._process = psutil.Process()
+        self._peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.gib = {"peak RAM (GiB)": round(self._peak / 2**30, 2)}
+        if torch.cuda.is_available():
+            self.gib["peak GPU memory (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -162,6 +162,53 @@ class PruningParams(Strict):
         return self
 
 
+class RecoveryParams(Strict):
+    """04_sft_pruned: QLoRA SFT of pruned models on the same training conversations (paper section 3.3).
+
+    ``levels`` are fractions of the depth, as in ``pruning.levels``; the paper recovers its "5.6B" and
+    "5.2B" models, 7 and 9 of 32 blocks removed (Table 2). The magnitude-pruned model of 03 goes
+    through the same recovery (Table 5's baseline) when ``magnitude`` is true.
+    """
+
+    levels: tuple[float, ...] = Field((7 / 32, 9 / 32), min_length=1, description="pruning levels to recover, fractions of the depth")
+    magnitude: bool = True
+    finetune: FinetuneParams = FinetuneParams(lora=LoraParams(r=16, alpha=8))
+
+    @model_validator(mode="after")
+    def _levels_are_fractions(self) -> "RecoveryParams":
+        if any(not 0 < level < 1 for level in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels must be distinct, increasing fractions in (0, 1); got {list(self.levels)}")
+        return self
+
+
+QuantizationMethod = Literal["awq", "rtn", "bnb"]
+
+
+class QuantizationParams(Strict):
+    """05_quantize: 4-bit weight-only PTQ of the decoder layers (paper section 3.4), per model role.
+
+    Roles: ``finetuned`` (01's model), ``pruned`` (the first recovery level before its SFT: Table 4's
+    "Prune + Quant"), ``recovered`` (every model of 04), ``recovered_magnitude`` (04's magnitude
+    baseline, Table 5). The defaults cover every cell of the paper's Tables 3, 4 and 5.
+    """
+
+    group_size: int = Field(64, description="paper: 64 for every method")
+    calibration_size: int = Field(8, ge=1, le=4096, description="AWQ calibration conversations from the training set (seeded), images included")
+    finetuned: tuple[QuantizationMethod, ...] = ("awq", "bnb")
+    pruned: tuple[QuantizationMethod, ...] = ("awq",)
+    recovered: tuple[QuantizationMethod, ...] = ("awq", "bnb", "rtn")
+    recovered_magnitude: tuple[QuantizationMethod, ...] = ("awq",)
+    qlora_deployment: bool = Field(True, description="also serve the nf4 base as trained on + the unmerged adapter (keeps the finetune)")
+    quantize_then_recover: tuple[Literal["awq", "rtn"], ...] = Field(("awq",), description="quantize the pruned model first, then run 04's recovery SFT against it (adapter unmerged)")
+    figure_layer_fraction: float = Field(30 / 32, gt=0, le=1, description="Figure 4's decoder layer as a fraction of depth (paper: 30 of 32)")
+
+    @model_validator(mode="after")
+    def _supported(self) -> "QuantizationParams":
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128 (the AWQ GEMM kernels'); got {self.group_size}")
+        return self
+
+
 class RuntimeParams(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
@@ -185,6 +232,8 @@ class Params(Strict):
     evaluation: EvaluationParams = EvaluationParams()
     importance: ImportanceParams = ImportanceParams()
     pruning: PruningParams = PruningParams()
+    recovery: RecoveryParams = RecoveryParams()
+    quantization: QuantizationParams = QuantizationParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")

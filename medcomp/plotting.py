@@ -10,12 +10,20 @@ import pandas as pd
 
 def loss_curve(log_history: Sequence[dict[str, Any]], title: str = "QLoRA finetuning loss"):
     """Training loss against optimizer step, from ``Trainer.state.log_history``."""
-    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    if not points:
-        raise ValueError("the log history holds no training loss (was logging_steps larger than the run?)")
-    steps, losses = zip(*points)
+    return loss_curves({"": log_history}, title)
+
+
+def loss_curves(histories: dict[str, Sequence[dict[str, Any]]], title: str = "QLoRA finetuning loss"):
+    """One training-loss curve per named ``Trainer.state.log_history``, on shared axes."""
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(steps, losses, marker="o", markersize=3)
+    for name, log_history in histories.items():
+        points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+        if not points:
+            raise ValueError(f"the log history{' of ' + name if name else ''} holds no training loss (was logging_steps larger than the run?)")
+        steps, losses = zip(*points)
+        axes.plot(steps, losses, marker="o", markersize=3, label=name or None)
+    if any(histories):
+        axes.legend()
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("cross-entropy on answer tokens")
     axes.set_title(title)
@@ -149,4 +157,50 @@ def answers_at_levels(image_path: str, question: str, answers: dict[str, str], t
         text_axes.text(0, 0.9 - row * step, f"{level}:", fontsize=9, weight="bold", va="top")
         text_axes.text(0.16, 0.9 - row * step, _wrap(answer, 110, 2), fontsize=8, va="top")
     figure.suptitle(title, x=0.5, y=1.02)
+    return figure
+
+
+def activation_outliers(q_proj_output, input_channel_magnitude, layer: int, num_layers: int, outlier_sigmas: float = 6.0,
+                        title: str = "Figure 4 · q_proj activations on calibration data"):
+    """Left: the distribution of a decoder layer's ``q_proj`` output values (log count), values beyond
+    ``outlier_sigmas`` standard deviations marked. Right: the per-input-channel mean magnitude AWQ
+    scales by, sorted, the top 1 % (AWQ's salient channels) marked."""
+    import numpy as np
+
+    values = q_proj_output.flatten().numpy()
+    limit = outlier_sigmas * values.std()
+    outliers = np.abs(values - values.mean()) > limit
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.hist(values, bins=200, log=True, color="tab:blue")
+    left.hist(values[outliers], bins=200, log=True, color="tab:red", label=f"beyond {outlier_sigmas:g}σ: {outliers.mean():.2%} of values")
+    left.set_xlabel(f"q_proj output value (decoder layer {layer + 1} of {num_layers})")
+    left.set_ylabel("count (log)")
+    left.legend()
+    magnitude = np.sort(input_channel_magnitude.numpy())[::-1]
+    salient = max(1, len(magnitude) // 100)
+    right.bar(range(len(magnitude)), magnitude, width=1.0, color="tab:gray")
+    right.bar(range(salient), magnitude[:salient], width=1.0, color="tab:red", label=f"top 1 % ({salient} channels)")
+    right.set_yscale("log")
+    right.set_xlabel("input channel, sorted by mean |x|")
+    right.set_ylabel("mean |x| over calibration tokens")
+    right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def survival_by_layer(frames: dict[str, pd.DataFrame], title: str = "Share of the SFT's weight change kept after quantization"):
+    """Median ``kept`` per decoder layer, one line per quantized variant (see ``quantization.finetune_survival``)."""
+    figure, axes = plt.subplots(figsize=(7, 3.6))
+    for name, frame in frames.items():
+        per_layer = frame.groupby("layer")["kept"].median()
+        axes.plot(per_layer.index + 1, per_layer.values, marker="o", markersize=3, label=name)
+    axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("kept (1 = all of it)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
     return figure

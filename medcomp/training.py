@@ -18,25 +18,14 @@ from torch.utils.data import Dataset
 
 from medcomp.data import VQAConversation, VQAExample, load_rgb
 from medcomp.files import atomic_write_json, content_hash
-from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, load_llava, load_processor, save_with_processor
+from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, checkpoint_identity, load_llava, load_processor, save_with_processor
 from medcomp.params import FinetuneParams
+from medcomp.quantization import import_gptqmodel_quietly
 
 IGNORE_INDEX = -100
 
 
-def _import_gptqmodel_quietly() -> None:
-    """peft imports gptqmodel (when installed) on first use, and gptqmodel prints a start-up banner
-    to stdout on import; importing it here first keeps that banner out of every report."""
-    import contextlib
-    import importlib.util
-    import io
-
-    if importlib.util.find_spec("gptqmodel") is not None:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import gptqmodel  # noqa: F401
-
-
-_import_gptqmodel_quietly()
+import_gptqmodel_quietly()
 
 
 def encode_for_training(processor, example: VQAExample | VQAConversation) -> dict[str, torch.Tensor]:
@@ -345,12 +334,45 @@ def finetune(
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
     trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, model_dtype, seed], device, seed)
+    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, checkpoint_identity(source), model_dtype, seed], device, seed)
 
     adapter_dir = save_with_processor(model, processor, output_dir / "adapter")
     merged_dir = merge_adapter(source, adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
     return FinetuneResult(adapter_dir, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+
+
+def finetune_on_quantized(
+    quantized_source: str,
+    processor_source: str,
+    device: str,
+    train_examples: Sequence[VQAExample],
+    params: FinetuneParams,
+    output_dir: Path,
+    seed: int = 0,
+) -> FinetuneResult:
+    """Train LoRA adapters against an already 4-bit (AWQ/RTN GEMM) checkpoint and keep them unmerged:
+    "quantize first, then recover". peft wraps GPTQModel's AWQ layers (``AwqLoraLinear``); the adapter
+    learns to correct the very rounding it will be served with. ``merged_dir`` is the quantized base.
+    """
+    from peft import get_peft_model
+
+    from medcomp.data import as_multi_turn
+    from medcomp.quantization import load_quantized
+
+    output_dir = Path(output_dir)
+    if params.multi_turn:
+        train_examples = as_multi_turn(train_examples)
+    processor = load_processor(processor_source)
+    base = load_quantized(quantized_source, device, params.compute_dtype)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    model = get_peft_model(base, lora_config(params))
+    trainable, total = _parameter_counts(model)
+    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [quantized_source, checkpoint_identity(quantized_source), "quantized", seed], device, seed)
+    adapter_dir = save_with_processor(model, processor, output_dir / "adapter")
+    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
+    return FinetuneResult(adapter_dir, Path(quantized_source), trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
 
 
 _MODULE_PREFIXES = {"vision_tower": VISION_TOWER, "multi_modal_projector": PROJECTOR}

@@ -1,0 +1,121 @@
+"""4-bit quantization on tiny models: really quantized, loud on bad input, AWQ better than RTN on outliers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcomp import quantization
+from medcomp.data import build_conversations, scan_dermnet, DERMNET_FOLDER_RULES
+from medcomp.knowledge import DISEASES_BY_SLUG
+from medcomp.models import decoder_layers, load_llava, load_processor, save_with_processor
+
+
+@pytest.fixture(scope="module")
+def conversations(synthetic_root):
+    scan = scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG), DERMNET_FOLDER_RULES)
+    examples = build_conversations([image for image in scan.images if image.split == "train"])
+    return quantization.calibration_conversations(examples, 6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory) -> Path:
+    """A tiny LLaVA whose every linear has a multiple of 64 outputs (AWQ's clip search needs it), with
+    a few planted outlier input channels into layer 0's attention (through its norm)."""
+    from conftest import _tiny_llama
+    from transformers import CLIPVisionConfig
+
+    from medcomp.models import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32)
+    model, processor = assemble_llava(_tiny_llama(len(tokenizer) + 1, num_key_value_heads=4), tokenizer, vision, EMBEDDED_CHAT_TEMPLATE, "<|im_end|>")
+    with torch.no_grad():
+        decoder_layers(model)[0].input_layernorm.weight[[3, 17, 40]] = 25.0
+    return save_with_processor(model, processor, tmp_path_factory.mktemp("models") / "outliers")
+
+
+def test_calibration_conversations_carry_their_images_and_answers(conversations):
+    first = conversations[0]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert any(item["type"] == "image" and hasattr(item["image"], "size") for item in first[0]["content"])
+    with pytest.raises(ValueError, match="calibration_size"):
+        quantization.calibration_conversations([], 1)
+
+
+def test_bitsandbytes_quantizes_every_decoder_linear_in_blocks_of_64(tiny_embedded_model, tmp_path):
+    checkpoint = quantization.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", [])
+    model = quantization.load_quantized(checkpoint.path)
+    for layer in decoder_layers(model):
+        assert layer.self_attn.q_proj.weight.quant_state.blocksize == 64
+        assert layer.mlp.down_proj.weight.quant_state.quant_type == "nf4"
+    errors = quantization.quantization_error(model, load_llava(str(tiny_embedded_model)))
+    assert len(errors) == 4 * 7 and min(errors.values()) > 1e-3, "a linear came back unchanged: not quantized"
+    assert quantization.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", []).reused
+
+
+def test_an_unquantized_decoder_is_refused_naming_the_layer(tiny_embedded_model):
+    with pytest.raises(quantization.QuantizationError, match="decoder layer 0 q_proj is not quantized"):
+        quantization.assert_decoder_quantized(load_llava(str(tiny_embedded_model)))
+
+
+def test_non_finite_calibration_activations_name_the_layer(tiny_embedded_model, conversations, tmp_path):
+    model = load_llava(str(tiny_embedded_model))
+    with torch.no_grad():
+        decoder_layers(model)[2].mlp.up_proj.weight[0, 0] = float("inf")
+    broken = save_with_processor(model, load_processor(str(tiny_embedded_model)), tmp_path / "broken")
+    with pytest.raises(quantization.QuantizationError, match="decoder layer 2 produces NaN/inf"):
+        quantization.quantize("awq", str(broken), tmp_path / "awq", conversations)
+    assert not (tmp_path / "awq").exists(), "nothing is written for a refused model"
+
+
+@pytest.mark.slow
+def test_awq_beats_round_to_nearest_on_outlier_channels_and_both_reload_quantized(outlier_model, conversations, tmp_path):
+    processor = load_processor(str(outlier_model))
+    reference = load_llava(str(outlier_model))
+    truth = quantization.calibration_activations(reference, processor, conversations, 0)["q_proj_output"]
+    errors = {}
+    for method in ("awq", "rtn"):
+        checkpoint = quantization.quantize(method, str(outlier_model), tmp_path / method, conversations)
+        config = json.loads((checkpoint.path / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "awq" and config["group_size"] == 64 and config["bits"] == 4
+        model = quantization.load_quantized(checkpoint.path)  # asserts every decoder linear is 4-bit
+        assert min(quantization.quantization_error(model, reference).values()) > 1e-4
+        output = quantization.calibration_activations(model, processor, conversations, 0)["q_proj_output"]
+        # AWQ divides layer 0's q_proj input by its scales (folded into the norm); compare what attention sees
+        errors[method] = float((output - truth).norm() / truth.norm())
+    assert errors["awq"] < errors["rtn"], errors
+
+
+def test_adapter_deltas_are_scaled_lora_products(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    save_file({"base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight": a,
+               "base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_B.weight": b}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    deltas = quantization.adapter_deltas(tmp_path)
+    assert set(deltas) == {(3, "q_proj")}
+    assert torch.allclose(deltas[(3, "q_proj")], 0.5 * b @ a)
+
+
+def test_the_plan_covers_every_cell_of_tables_3_to_5():
+    from medcomp.params import QuantizationParams
+    from medcomp.runs import Variant
+
+    variants = {name: Variant(name, "x", "p", parent=parent, extra=extra) for name, parent, extra in [
+        ("finetuned", None, {"adapter": "a", "sft_base": "b"}), ("pruned-7", "finetuned", {}), ("pruned-7-magnitude", "finetuned", {}),
+        ("recovered-7", "pruned-7", {"adapter": "a", "sft_base": "b"}), ("recovered-9", "pruned-9", {"adapter": "a", "sft_base": "b"}),
+        ("recovered-7-magnitude", "pruned-7-magnitude", {"adapter": "a", "sft_base": "b"})]}
+    plan = quantization.quantization_plan(QuantizationParams(quantize_then_recover=("awq", "rtn")), variants,
+                                          ["recovered-7", "recovered-9", "recovered-7-magnitude"])
+    names = {step.name for step in plan}
+    assert {"finetuned-awq", "finetuned-bnb", "recovered-7-awq", "recovered-7-bnb", "recovered-9-awq", "recovered-9-bnb",  # Table 3
+            "pruned-7-awq",  # Table 4: prune + quant
+            "recovered-7-rtn", "recovered-7-magnitude-awq",  # Table 5
+            "pruned-7-rtn",  # the RTN base of quantize-then-recover
+            "finetuned-qlora", "recovered-7-qlora"} <= names
+    assert len(names) == len(plan)
