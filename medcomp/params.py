@@ -188,15 +188,17 @@ class QuantizationParams(Strict):
     """05_quantize: 4-bit weight-only PTQ of the decoder layers (paper section 3.4), per model role.
 
     Roles: ``finetuned`` (01's model), ``pruned`` (the first recovery level before its SFT: Table 4's
-    "Prune + Quant"), ``recovered`` (every model of 04), ``recovered_magnitude`` (04's magnitude
-    baseline, Table 5). The defaults cover every cell of the paper's Tables 3, 4 and 5.
+    "Prune + Quant"), ``recovered`` (every model of 04 but the magnitude baseline), ``pipeline_ablations``
+    (the first recovered level, the paper's pipeline model, only), ``recovered_magnitude`` (04's
+    magnitude baseline, Table 5). The defaults cover every cell of the paper's Tables 3, 4 and 5.
     """
 
     group_size: int = Field(64, description="paper: 64 for every method")
     calibration_size: int = Field(8, ge=1, le=4096, description="AWQ calibration conversations from the training set (seeded), images included")
     finetuned: tuple[QuantizationMethod, ...] = ("awq", "bnb")
     pruned: tuple[QuantizationMethod, ...] = ("awq",)
-    recovered: tuple[QuantizationMethod, ...] = ("awq", "bnb", "rtn")
+    recovered: tuple[QuantizationMethod, ...] = ("awq", "bnb")
+    pipeline_ablations: tuple[QuantizationMethod, ...] = Field(("rtn",), description="further methods for the first recovered level only (Table 5)")
     recovered_magnitude: tuple[QuantizationMethod, ...] = ("awq",)
     qlora_deployment: bool = Field(True, description="also serve the nf4 base as trained on + the unmerged adapter (keeps the finetune)")
     quantize_then_recover: tuple[Literal["awq", "rtn"], ...] = Field(("awq",), description="quantize the pruned model first, then run 04's recovery SFT against it (adapter unmerged)")

@@ -292,12 +292,14 @@ def assert_decoder_quantized(model) -> None:
             raise QuantizationError(f"{prefix} must stay in full precision, but {quantized[0]} is quantized")
 
 
-def _find_linear(layer, name: str):
+def _find_linear(layer, name: str, unwrap: bool = True):
+    """A decoder layer's linear by name; ``unwrap``: the quantized layer under a LoRA wrapper rather
+    than the wrapper (whose forward adds the adapter)."""
     for parent in ("self_attn", "mlp"):
         owner = getattr(layer, parent, None)
         if owner is not None and hasattr(owner, name):
             module = getattr(owner, name)
-            return getattr(module, "base_layer", module)  # a LoRA-wrapped linear
+            return getattr(module, "base_layer", module) if unwrap else module
     return None
 
 
@@ -351,7 +353,7 @@ def weight_comparisons(model, reference, layers: Sequence[int] | None = None) ->
         for name in DECODER_LINEARS:
             if name in skipped:
                 continue
-            weight = effective_weight(_find_linear(layer, name))
+            weight = effective_weight(_find_linear(layer, name, unwrap=False))
             scale = _input_scale(layer, ref_layer, name)
             if scale is not None:
                 weight = weight / scale
@@ -461,7 +463,8 @@ def quantization_plan(settings, variants: dict[str, Any], recovered: Sequence[st
         # quantize-then-recover starts from the pruned model quantized by its method: those cells too
         pruned_methods = tuple(dict.fromkeys([*settings.pruned, *settings.quantize_then_recover]))
         roles.append((variants[by_depth[0]].parent, "pruned", pruned_methods))
-    roles += [(name, "recovered", settings.recovered) for name in by_depth]
+    roles += [(name, "recovered", tuple(dict.fromkeys([*settings.recovered, *(settings.pipeline_ablations if index == 0 else ())])))
+              for index, name in enumerate(by_depth)]
     roles += [(name, "recovered_magnitude", settings.recovered_magnitude) for name in magnitude]
     steps = [QuantizationStep(source, method, role) for source, role, methods in roles for method in methods]
     if settings.qlora_deployment:
@@ -522,26 +525,23 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
         merged = load_llava(source.path, dtype="float32")
         survival = finetune_survival(model, merged, source.extra["adapter"], group_size)
         del merged
-    result = {"variant": step.name, "source": source.name, "method": step.method, "role": step.role,
+    result = {"variant": step.name, "source": source.name, "method": step.method, "role": step.role, "fraction": source.extra.get("fraction"),
               "quantize seconds": seconds, "decoder bytes": decoder_bytes(model), "model bytes": tensor_bytes(model),
               **answer_stats(answers), "survival": survival, "seconds": time.perf_counter() - started}
     del model
     return result
 
 
-def _paper_model_row(variant: str, num_layers: int) -> str | None:
-    """Table 3's row for one of our models: the unpruned one, or the pruned depth mapped to 32 blocks."""
-    import re
+def _paper_model_row(result: dict[str, Any]) -> str | None:
+    """Table 3's row for one of our models: the unpruned one, or a recovered level by its fraction of depth."""
+    from medcomp.recovery import paper_layers_of_32
 
-    if variant == "finetuned":
+    if result["source"] == "finetuned":
         return "Base LLaVA (7B)"
-    match = re.fullmatch(r"recovered-(\d+)", variant)
-    if match:
-        return {7: "Pruned LLaVA (5.6B)", 9: "Pruned LLaVA (5.2B)"}.get(round(int(match[1]) * 32 / num_layers))
-    return None
+    return {7: "Pruned LLaVA (5.6B)", 9: "Pruned LLaVA (5.2B)"}.get(paper_layers_of_32(result.get("fraction")))
 
 
-def table_3(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", num_layers: int, reference_bytes: dict[str, int]) -> "pd.DataFrame":
+def table_3(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", reference_bytes: dict[str, int]) -> "pd.DataFrame":
     """Each model × method: held-out naming, decoder and whole-model memory (and their ratio to the
     unquantized finetuned model), quantization wall time; the paper's scores and VRAM beside."""
     import pandas as pd
@@ -555,7 +555,7 @@ def table_3(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", num_
             row[f"quantize {method} (s)"] = round(r["quantize seconds"], 1)
             row[f"decoder MB {method}"] = f"{r['decoder bytes'] / 1e6:.1f} ({r['decoder bytes'] / reference_bytes['decoder']:.2f}×)"
             row[f"model MB {method}"] = f"{r['model bytes'] / 1e6:.1f} ({r['model bytes'] / reference_bytes['model']:.2f}×)"
-        paper_name = _paper_model_row(source, num_layers)
+        paper_name = _paper_model_row(next(r for r in results if r["source"] == source))
         if paper_name in paper_table.index:
             row |= {"paper row": paper_name, **{f"paper: {k}": v for k, v in paper_table.loc[paper_name].items()}}
         rows.append(row)

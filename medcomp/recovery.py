@@ -31,6 +31,7 @@ RECORD = "recovery.json"
 class RecoveryStep:
     pruned: str  # the pruned variant (03)
     recovered: str  # the variant this stage registers
+    fraction: float | None  # the level as a fraction of the depth; None for the magnitude baseline
 
 
 def recovery_plan(settings: RecoveryParams, pruning_levels: Sequence[float], num_layers: int, max_removable: int,
@@ -45,10 +46,10 @@ def recovery_plan(settings: RecoveryParams, pruning_levels: Sequence[float], num
             built = sorted(v for v in registered if v.startswith("pruned-"))
             raise ValueError(f"recovery level {level:.4f} ({name or 'beyond the removable layers'}) was not built by 03_prune; "
                              f"built: {built}. Add the level to pruning.levels or choose one of those.")
-        steps.append(RecoveryStep(name, name.replace("pruned-", "recovered-", 1)))
+        steps.append(RecoveryStep(name, name.replace("pruned-", "recovered-", 1), level))
     if settings.magnitude:
         magnitude = [v for v in registered if v.startswith("pruned-") and v.endswith("-magnitude")]
-        steps += [RecoveryStep(name, name.replace("pruned-", "recovered-", 1)) for name in magnitude]
+        steps += [RecoveryStep(name, name.replace("pruned-", "recovered-", 1), None) for name in magnitude]
     return steps
 
 
@@ -78,14 +79,14 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
     variant = Variant(name=step.recovered, stage=stage, path=str(result.merged_dir), parent=pruned.name,
                       layers_removed=pruned.layers_removed, bits=pruned.bits, parameters=count_parameters(model),
                       notes=f"QLoRA SFT (r={params.lora.r}, alpha={params.lora.alpha}) of {pruned.name}",
-                      extra={"adapter": str(result.adapter_dir), "sft_base": pruned.path})
+                      extra={"adapter": str(result.adapter_dir), "sft_base": pruned.path, "fraction": step.fraction})
     run.register_variant(variant)
     answers = generate_answers(model, load_processor(str(result.merged_dir)), test_examples, max_new_tokens, batch_size,
                                description=f"answering ({step.recovered})")
     run.save_answers(step.recovered, answers)
     before = answer_stats(run.answers(step.pruned))
     after = answer_stats(answers)
-    summary = {"variant": step.recovered, "pruned": step.pruned, "layers removed": len(pruned.layers_removed),
+    summary = {"variant": step.recovered, "pruned": step.pruned, "fraction": step.fraction, "layers removed": len(pruned.layers_removed),
                "parameters": variant.parameters, "SFT steps": result.steps, "SFT seconds": round(result.train_seconds, 1),
                **{f"SFT {k}": v for k, v in peak.gib.items()}, "first loss": result.first_loss, "last loss": result.final_loss,
                "naming before SFT": before["naming accuracy"], "naming after SFT": after["naming accuracy"],
@@ -99,15 +100,19 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
 PAPER_ROW_BY_LAYERS_OF_32 = {7: "Pruned LLaVA (5.6 B)", 9: "Pruned LLaVA (5.2 B)"}
 
 
+def paper_layers_of_32(fraction: float | None) -> int | None:
+    """The paper's layer count (of 32) for a pruning level given as a fraction of the depth."""
+    return None if fraction is None else round(fraction * 32)
+
+
 def table_2(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", num_layers: int) -> "pd.DataFrame":
-    """The paper's Table 2 with this run's rows beside it. Rows map by fraction of depth: ours removing
-    k of ``num_layers`` blocks sits beside the paper's row for round(k * 32 / num_layers) of 32."""
+    """The paper's Table 2 with this run's rows beside it. Rows map by the level's fraction of depth,
+    as 03 maps levels: ours at 9/32 of the depth sits beside the paper's 9-of-32 row whatever our depth."""
     import pandas as pd
 
     rows = []
     for result in results:
-        of_32 = round(result["layers removed"] * 32 / num_layers)
-        paper_name = PAPER_ROW_BY_LAYERS_OF_32.get(of_32) if not result["variant"].endswith("magnitude") else None
+        paper_name = PAPER_ROW_BY_LAYERS_OF_32.get(paper_layers_of_32(result.get("fraction")))
         paper_row = paper_table.loc[paper_name] if paper_name in paper_table.index else None
         row = {
             "variant": result["variant"],
@@ -119,7 +124,7 @@ def table_2(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", num_
             "naming after SFT": f"{result['naming after SFT']:.1%}",
             "never stopping before → after": f"{result['never stopped before SFT']:.0%} → {result['never stopped after SFT']:.0%}",
             "score before → after (07_judge)": "see 07",
-            "paper row": paper_name or "— (Table 5 baseline)",
+            "paper row": paper_name or ("— (Table 5 baseline)" if result.get("fraction") is None else "—"),
         }
         if "SFT peak GPU memory (GiB)" in result:
             row["SFT peak GPU memory (GiB)"] = result["SFT peak GPU memory (GiB)"]

@@ -192,6 +192,9 @@ def quiet_libraries() -> None:
     import huggingface_hub
     import transformers
 
+    import logging
+
+    logging.getLogger("tokenicer").setLevel(logging.WARNING)  # GPTQModel's tokenizer wrapper logs every load
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()

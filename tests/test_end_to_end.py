@@ -23,6 +23,11 @@ MINIMAL = {
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "sample_answers": 3},
     "importance": {"calibration_size": 4, "max_new_tokens": 4, "batch_size": 4},
     "pruning": {"levels": [0.0, 0.0625, 0.21875], "magnitude_level": 0.21875},
+    "recovery": {"levels": [0.21875], "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "multi_turn": False,
+                                                   "compute_dtype": "float32", "mixed_precision": "no", "lora": {"r": 16, "alpha": 8}}},
+    # every path once: AWQ (the slowest, about 4 s a layer here) on one model only
+    "quantization": {"calibration_size": 2, "finetuned": ["bnb"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [], "recovered_magnitude": [],
+                     "quantize_then_recover": ["awq"]},
 }
 
 
@@ -64,19 +69,29 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     prune_report = (run_dir / "03_prune.html").read_text()
     assert "Table 1" in prune_report and "Figure B2" in prune_report and "paper: score" in prune_report
     run = Run(run_dir)
-    assert set(run.variants()) == {"finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude"}
+    assert {"finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude", "recovered-7", "recovered-7-magnitude"} <= set(run.variants())
     assert run.variant("finetuned").path.endswith("stages/01_finetune/merged")
     assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/merged"
     assert len(run.variant("pruned-7").layers_removed) == 7 and run.variant("pruned-7").parent == "finetuned"
     assert run.variant("pruned-7").layers_removed == tuple(sorted(rankings["orders"]["similarity"][:7]))
     for variant in ("finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude"):
         assert len(run.answers(variant)) == 8 * 3
+    recovery_report = (run_dir / "04_sft_pruned.html").read_text()
+    assert "Table 2" in recovery_report and "paper: score after SFT" in recovery_report
+    assert run.variant("recovered-7").parent == "pruned-7" and run.variant("recovered-7-magnitude").parent == "pruned-7-magnitude"
+    quantize_report = (run_dir / "05_quantize.html").read_text()
+    for text in ("Figure 4", "Table 3", "Table 4", "Table 5", "What survives quantization", "paper: score AWQ"):
+        assert text in quantize_report, text
+    for noise in ("GPT-QModel", "Loading weights", "INFO "):
+        assert noise not in quantize_report, f"library noise in the report: {noise}"
+    for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft"):
+        assert run.variant(variant).bits == 4 and len(run.answers(variant)) == 8 * 3, variant
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
     assert "OPENAI_API_KEY" not in report and "api_key" not in json.dumps(manifest).lower()
 
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
-    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 3
+    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 5
 
 
 def test_real_scale_path_on_a_llava15_shaped_standin(tmp_path, cache, tiny_llava15_standin, synthetic_root):

@@ -119,3 +119,28 @@ def test_the_plan_covers_every_cell_of_tables_3_to_5():
             "pruned-7-rtn",  # the RTN base of quantize-then-recover
             "finetuned-qlora", "recovered-7-qlora"} <= names
     assert len(names) == len(plan)
+
+
+def test_quantization_and_recovery_params_refuse_what_cannot_run():
+    from pydantic import ValidationError
+
+    from medcomp.params import QuantizationParams, RecoveryParams
+
+    with pytest.raises(ValidationError, match="group_size must be 32, 64 or 128"):
+        QuantizationParams(group_size=48)
+    with pytest.raises(ValidationError):
+        QuantizationParams(finetuned=("gptq",))
+    with pytest.raises(ValidationError, match="distinct, increasing fractions"):
+        RecoveryParams(levels=(0.3, 0.2))
+
+
+def test_recovery_plan_names_what_03_did_not_build():
+    from medcomp.params import PAPER_PRUNING_LEVELS, RecoveryParams
+    from medcomp.recovery import recovery_plan
+
+    # on 30 layers the paper's levels map to 0, 2, 4, 7, 8, 9, 10 blocks (as 03 maps them)
+    steps = recovery_plan(RecoveryParams(), PAPER_PRUNING_LEVELS, 30, 27, ["finetuned", "pruned-7", "pruned-9", "pruned-7-magnitude"])
+    assert [(s.pruned, s.recovered, s.fraction) for s in steps] == [
+        ("pruned-7", "recovered-7", 7 / 32), ("pruned-9", "recovered-9", 9 / 32), ("pruned-7-magnitude", "recovered-7-magnitude", None)]
+    with pytest.raises(ValueError, match="was not built by 03_prune; built: \\['pruned-7'\\]"):
+        recovery_plan(RecoveryParams(), PAPER_PRUNING_LEVELS, 30, 27, ["finetuned", "pruned-7"])
