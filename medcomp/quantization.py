@@ -175,21 +175,21 @@ def _record_as_awq_gemm(directory: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def quantize_awq(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4) -> float:
+def quantize_awq(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4, device: str = "cpu") -> float:
     """AWQ (GPTQModel), asymmetric, GEMM format; returns the quantization wall time in seconds."""
     from gptqmodel import AWQConfig
     from gptqmodel.quantization import FORMAT
 
-    config = AWQConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device="cpu")
+    config = AWQConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device=device)
     return _gptqmodel_quantize(source, target, config, conversations)
 
 
-def quantize_rtn(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4) -> float:
+def quantize_rtn(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4, device: str = "cpu") -> float:
     """Round-to-nearest (GPTQModel RTN): AWQ's storage and grid without the search."""
     from gptqmodel import RTNConfig
     from gptqmodel.quantization import FORMAT
 
-    config = RTNConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device="cpu")
+    config = RTNConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device=device)
     return _gptqmodel_quantize(source, target, config, conversations[:1])
 
 
@@ -215,7 +215,8 @@ class QuantizedCheckpoint:
     reused: bool
 
 
-def quantize(method: str, source: str, target: Path, conversations, group_size: int = 64, compute_dtype: str = "float32") -> QuantizedCheckpoint:
+def quantize(method: str, source: str, target: Path, conversations, group_size: int = 64, compute_dtype: str = "float32",
+             device: str = "cpu") -> QuantizedCheckpoint:
     """Quantize ``source`` into ``target`` by ``method`` unless ``target`` already holds exactly that
     (same method, group size, calibration and source checkpoint): an interrupted stage resumes."""
     record = {"method": method, "group_size": group_size, "source": str(source), "source_identity": [list(i) for i in checkpoint_identity(source)],
@@ -230,7 +231,7 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
     elif method in QUANTIZERS:
         if method == "awq":
             check_finite_activations(source, conversations, compute_dtype)
-        seconds = QUANTIZERS[method](source, Path(target), conversations, group_size)
+        seconds = QUANTIZERS[method](source, Path(target), conversations, group_size, device=device)
     else:
         raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, bnb")
     atomic_write_json(saved, {**record, "seconds": seconds})
@@ -238,7 +239,11 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
 
 
 def _describe_conversation(conversation) -> str:
-    return json.dumps([_without_inline_image(m) for m in conversation], sort_keys=True)
+    """Text and image content of a calibration conversation, for the reuse record."""
+    import hashlib
+
+    images = [hashlib.sha256(item["image"].tobytes()).hexdigest()[:16] for item in conversation[0]["content"] if item["type"] == "image"]
+    return json.dumps([_without_inline_image(m) for m in conversation] + images, sort_keys=True)
 
 
 def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"):
@@ -505,7 +510,7 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
         previous = run.variants().get(step.name)
         reused = previous is not None and previous.extra.get("identity") == extra["identity"] and run.has_answers(step.name)
     else:
-        checkpoint = quantize(step.method, source.path, run.stage_dir(stage) / step.name, conversations, group_size, dtype)
+        checkpoint = quantize(step.method, source.path, run.stage_dir(stage) / step.name, conversations, group_size, dtype, device)
         path, seconds, reused = checkpoint.path, checkpoint.seconds, checkpoint.reused and run.has_answers(step.name)
         extra = {"format": step.method}
     variant = Variant(name=step.name, stage=stage, path=str(path), parent=source.name, layers_removed=source.layers_removed, bits=4,

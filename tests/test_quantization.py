@@ -144,3 +144,22 @@ def test_recovery_plan_names_what_03_did_not_build():
         ("pruned-7", "recovered-7", 7 / 32), ("pruned-9", "recovered-9", 9 / 32), ("pruned-7-magnitude", "recovered-7-magnitude", None)]
     with pytest.raises(ValueError, match="was not built by 03_prune; built: \\['pruned-7'\\]"):
         recovery_plan(RecoveryParams(), PAPER_PRUNING_LEVELS, 30, 27, ["finetuned", "pruned-7"])
+
+
+def test_survival_is_one_when_the_change_is_kept_and_zero_when_rounded_away(tiny_embedded_model, tmp_path):
+    from safetensors.torch import save_file
+
+    base, merged = load_llava(str(tiny_embedded_model)), load_llava(str(tiny_embedded_model))
+    torch.manual_seed(0)
+    lora_a, lora_b = 0.01 * torch.randn(2, 64), 0.01 * torch.randn(64, 2)
+    save_file({"base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight": lora_a,
+               "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_B.weight": lora_b}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    with torch.no_grad():
+        decoder_layers(merged)[1].self_attn.q_proj.weight += 2 * lora_b @ lora_a
+    kept = quantization.finetune_survival(merged, merged, tmp_path)
+    erased = quantization.finetune_survival(base, merged, tmp_path)
+    assert list(kept["linear"]) == ["q_proj"] and list(kept["layer"]) == [1]
+    assert kept["kept"].item() == pytest.approx(1.0, abs=1e-4) and kept["cosine"].item() == pytest.approx(1.0, abs=1e-4)
+    assert erased["kept"].item() == pytest.approx(0.0, abs=1e-4)
+    assert 0 < kept["delta / step"].item() < 1 and 0 <= kept["below half a step"].item() <= 1
