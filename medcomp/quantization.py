@@ -65,7 +65,8 @@ class QuantizationError(RuntimeError):
 
 def calibration_conversations(examples: Sequence[VQAExample], size: int, seed: int = 0) -> list[list[dict[str, Any]]]:
     """``size`` training conversations (seeded sample), each image + question + reference answer in
-    chat format with the image inline, as GPTQModel's LLaVA definition expects."""
+    chat format, the image given by its path (``with_images_loaded`` puts the picture inline, as
+    GPTQModel's LLaVA definition expects)."""
     import random
 
     if size > len(examples):
@@ -74,7 +75,7 @@ def calibration_conversations(examples: Sequence[VQAExample], size: int, seed: i
     conversations = []
     for index in chosen:
         messages = examples[index].messages()
-        messages[0]["content"] = [{"type": "image", "image": load_rgb(examples[index].image)} if item["type"] == "image" else item
+        messages[0]["content"] = [{"type": "image", "image": examples[index].image} if item["type"] == "image" else item
                                   for item in messages[0]["content"]]
         conversations.append(messages)
     return conversations
@@ -109,7 +110,7 @@ def calibration_activations(model, processor, conversations: Sequence[list[dict[
     try:
         for conversation in conversations:
             text = processor.apply_chat_template([_without_inline_image(m) for m in conversation])
-            image = next(item["image"] for item in conversation[0]["content"] if item["type"] == "image")
+            image = load_rgb(next(item["image"] for item in conversation[0]["content"] if item["type"] == "image"))
             inputs = processor(text=text, images=image, return_tensors="pt")
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             model(**inputs.to(next(model.parameters()).device))
@@ -137,25 +138,56 @@ def check_finite_activations(source: str, conversations: Sequence[list[dict[str,
 
 
 def _quiet():
-    """GPTQModel logs every layer's timing table to stdout; the notebook shows one progress line instead."""
+    """Transformers' loader notes go to stdout; reports carry this run's output only."""
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def with_images_loaded(conversations: Sequence[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """The conversations with each image path replaced by the picture itself."""
+    return [[{**m, "content": [{**item, "image": load_rgb(item["image"])} if isinstance(item, dict) and item.get("type") == "image" else item
+                               for item in m["content"]]} if not isinstance(m["content"], str) else m for m in conversation]
+            for conversation in conversations]
+
+
 def _gptqmodel_quantize(source: str, target: Path, config, conversations) -> float:
+    """Run GPTQModel in this process (``quantize`` runs it in a child process; see there)."""
     import_gptqmodel_quietly()
     from gptqmodel import GPTQModel
 
     started = time.perf_counter()
-    with _quiet():
-        # GPTQModel packs into float16/bfloat16 only; the search runs in that dtype too.
-        model = GPTQModel.load(source, config, dtype=torch.float16)
-        model.quantize(list(conversations), batch_size=1)
-        seconds = time.perf_counter() - started
-        with atomic_directory(target) as staging:
-            model.save(str(staging))
-            _record_as_awq_gemm(staging)
+    # GPTQModel packs into float16/bfloat16 only; the search runs in that dtype too.
+    model = GPTQModel.load(source, config, dtype=torch.float16)
+    model.quantize(with_images_loaded(conversations), batch_size=1)
+    seconds = time.perf_counter() - started
+    with atomic_directory(target) as staging:
+        model.save(str(staging))
+        _record_as_awq_gemm(staging)
     del model
     return seconds
+
+
+def _quantize_in_child(method: str, source: str, target: Path, conversations, group_size: int, device: str) -> float:
+    """Run ``quantize_awq``/``quantize_rtn`` in a child Python process.
+
+    GPTQModel's logger draws progress through its own stdout wrappers and notebook display handles
+    (no redirect catches them: they leave pages of blank output in a report), and a failure in one
+    of its worker threads can end the whole process, which in a notebook is the kernel. A child keeps
+    both away from the notebook; its output is kept, and shown if it fails.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = Path(scratch) / "spec.json"
+        result = Path(scratch) / "seconds.json"
+        spec.write_text(json.dumps({"method": method, "source": str(source), "target": str(target), "conversations": conversations,
+                                    "group_size": group_size, "device": device, "threads": torch.get_num_threads(), "result": str(result)}))
+        child = subprocess.run([sys.executable, "-m", "medcomp.quantization", str(spec)], capture_output=True, text=True)
+        if child.returncode != 0 or not result.exists() or not (Path(target) / "config.json").exists():
+            tail = "\n".join((child.stdout + child.stderr).strip().splitlines()[-25:])
+            raise QuantizationError(f"{method} quantization of {source} failed (exit code {child.returncode}):\n{tail}")
+        return float(json.loads(result.read_text()))
 
 
 def _record_as_awq_gemm(directory: Path) -> None:
@@ -231,7 +263,7 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
     elif method in QUANTIZERS:
         if method == "awq":
             check_finite_activations(source, conversations, compute_dtype)
-        seconds = QUANTIZERS[method](source, Path(target), conversations, group_size, device=device)
+        seconds = _quantize_in_child(method, source, Path(target), conversations, group_size, device)
     else:
         raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, bnb")
     atomic_write_json(saved, {**record, "seconds": seconds})
@@ -242,7 +274,7 @@ def _describe_conversation(conversation) -> str:
     """Text and image content of a calibration conversation, for the reuse record."""
     import hashlib
 
-    images = [hashlib.sha256(item["image"].tobytes()).hexdigest()[:16] for item in conversation[0]["content"] if item["type"] == "image"]
+    images = [hashlib.sha256(Path(item["image"]).read_bytes()).hexdigest()[:16] for item in conversation[0]["content"] if item["type"] == "image"]
     return json.dumps([_without_inline_image(m) for m in conversation] + images, sort_keys=True)
 
 
@@ -551,18 +583,24 @@ def table_3(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", refe
     unquantized finetuned model), quantization wall time; the paper's scores and VRAM beside."""
     import pandas as pd
 
+    cells = [r for r in results if r["role"] in ("finetuned", "recovered") and r["method"] in ("awq", "bnb", "rtn")]
+    methods = [m for m in ("awq", "bnb", "rtn") if any(r["method"] == m for r in cells)]
+    measures = {
+        "naming": lambda r: f"{r['naming accuracy']:.1%}",
+        "decoder MB": lambda r: f"{r['decoder bytes'] / 1e6:.1f} ({r['decoder bytes'] / reference_bytes['decoder']:.2f}×)",
+        "model MB": lambda r: f"{r['model bytes'] / 1e6:.1f} ({r['model bytes'] / reference_bytes['model']:.2f}×)",
+        "quantize (s)": lambda r: round(r["quantize seconds"], 1),
+    }
     rows = []
-    for source in dict.fromkeys(r["source"] for r in results if r["role"] in ("finetuned", "recovered") and r["method"] != "qlora"):
+    for source in dict.fromkeys(r["source"] for r in cells):
+        by_method = {r["method"]: r for r in cells if r["source"] == source}
         row: dict[str, Any] = {"model": source}
-        for r in (r for r in results if r["source"] == source and r["method"] != "qlora"):
-            method = r["method"]
-            row[f"naming {method}"] = f"{r['naming accuracy']:.1%}"
-            row[f"quantize {method} (s)"] = round(r["quantize seconds"], 1)
-            row[f"decoder MB {method}"] = f"{r['decoder bytes'] / 1e6:.1f} ({r['decoder bytes'] / reference_bytes['decoder']:.2f}×)"
-            row[f"model MB {method}"] = f"{r['model bytes'] / 1e6:.1f} ({r['model bytes'] / reference_bytes['model']:.2f}×)"
-        paper_name = _paper_model_row(next(r for r in results if r["source"] == source))
+        for measure, show in measures.items():
+            row |= {f"{measure} {m}": show(by_method[m]) if m in by_method else "—" for m in methods}
+        paper_name = _paper_model_row(next(iter(by_method.values())))
+        row["paper row"] = paper_name or "—"
         if paper_name in paper_table.index:
-            row |= {"paper row": paper_name, **{f"paper: {k}": v for k, v in paper_table.loc[paper_name].items()}}
+            row |= {f"paper: {k}": v for k, v in paper_table.loc[paper_name].items()}
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
@@ -640,3 +678,12 @@ def recover_on_quantized(run, stage: str, quantized: str, train_examples, test_e
               "seconds": time.perf_counter() - started, "log_history": run.variant(name).extra.get("log_history", [])}
     del model
     return result
+
+
+if __name__ == "__main__":  # the child process of ``_quantize_in_child``
+    import sys
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(spec["threads"])
+    seconds = QUANTIZERS[spec["method"]](spec["source"], Path(spec["target"]), spec["conversations"], spec["group_size"], device=spec["device"])
+    Path(spec["result"]).write_text(json.dumps(seconds))

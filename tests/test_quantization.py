@@ -41,7 +41,9 @@ def outlier_model(tmp_path_factory) -> Path:
 def test_calibration_conversations_carry_their_images_and_answers(conversations):
     first = conversations[0]
     assert [m["role"] for m in first] == ["user", "assistant"]
-    assert any(item["type"] == "image" and hasattr(item["image"], "size") for item in first[0]["content"])
+    assert any(item["type"] == "image" and Path(item["image"]).exists() for item in first[0]["content"])
+    loaded = quantization.with_images_loaded(conversations)[0]
+    assert any(item["type"] == "image" and hasattr(item["image"], "size") for item in loaded[0]["content"])
     with pytest.raises(ValueError, match="calibration_size"):
         quantization.calibration_conversations([], 1)
 
@@ -163,3 +165,11 @@ def test_survival_is_one_when_the_change_is_kept_and_zero_when_rounded_away(tiny
     assert kept["kept"].item() == pytest.approx(1.0, abs=1e-4) and kept["cosine"].item() == pytest.approx(1.0, abs=1e-4)
     assert erased["kept"].item() == pytest.approx(0.0, abs=1e-4)
     assert 0 < kept["delta / step"].item() < 1 and 0 <= kept["below half a step"].item() <= 1
+
+
+def test_a_quantizer_failure_is_an_error_that_names_the_cause_not_a_dead_kernel(tiny_embedded_model, conversations, tmp_path):
+    # AWQ's clip search needs a multiple of 64 outputs; this model's k_proj has 32
+    with pytest.raises(quantization.QuantizationError, match="awq quantization of .* failed") as failure:
+        quantization.quantize("awq", str(tiny_embedded_model), tmp_path / "awq", conversations)
+    assert "AssertionError" in str(failure.value)
+    assert not (tmp_path / "awq").exists()
