@@ -605,6 +605,22 @@ def table_3(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", refe
     return pd.DataFrame(rows).set_index("model")
 
 
+def variant_measurements(run, name: str, results_by_name: dict[str, dict[str, Any]], dtype: str = "float32") -> dict[str, Any]:
+    """What Table 4 shows of a variant: this stage's measurements if it made the variant, else the
+    full-precision model loaded and measured, with naming from its saved answers."""
+    from medcomp.evaluation import answer_stats
+    from medcomp.models import tensor_bytes
+
+    variant = run.variant(name)
+    if name in results_by_name:
+        return {**results_by_name[name], "parameters": variant.parameters, "bits": variant.bits}
+    model = load_llava(variant.path, dtype=dtype)
+    row = {"variant": name, "parameters": variant.parameters, "bits": variant.bits, "decoder bytes": decoder_bytes(model),
+           "model bytes": tensor_bytes(model), **answer_stats(run.answers(name))}
+    del model
+    return row
+
+
 def table_4(rows: Sequence[tuple[str, dict[str, Any]]], paper_table: "pd.DataFrame", reference_bytes: dict[str, int]) -> "pd.DataFrame":
     """The paper's overall comparison: ``rows`` are (paper method, this run's measurements) pairs;
     methods the paper does not have (this project's orders that keep the finetune) get no paper columns."""
