@@ -183,7 +183,8 @@ def _quantize_in_child(method: str, source: str, target: Path, conversations, gr
         result = Path(scratch) / "seconds.json"
         spec.write_text(json.dumps({"method": method, "source": str(source), "target": str(target), "conversations": conversations,
                                     "group_size": group_size, "device": device, "threads": torch.get_num_threads(), "result": str(result)}))
-        child = subprocess.run([sys.executable, "-m", "medcomp.quantization", str(spec)], capture_output=True, text=True)
+        # cwd: GPTQModel writes a log folder into the working directory
+        child = subprocess.run([sys.executable, "-m", "medcomp.quantization", str(spec)], capture_output=True, text=True, cwd=scratch)
         if child.returncode != 0 or not result.exists() or not (Path(target) / "config.json").exists():
             tail = "\n".join((child.stdout + child.stderr).strip().splitlines()[-25:])
             raise QuantizationError(f"{method} quantization of {source} failed (exit code {child.returncode}):\n{tail}")
