@@ -211,6 +211,61 @@ class QuantizationParams(Strict):
         return self
 
 
+class BenchmarkParams(Strict):
+    """06_benchmark: memory and latency of every registered variant, measured the same way for all.
+
+    Latency is greedy decoding of one fixed test image + question with exactly ``new_tokens`` new
+    tokens (end-of-turn suppressed), after ``warmup`` untimed runs, the median of ``repeats`` timed runs;
+    prefill (the prompt with its image, to the first token) is reported apart from decode.
+    """
+
+    new_tokens: int = Field(24, ge=2, le=1024, description="tokens forced per timed run")
+    warmup: int = Field(1, ge=0, le=20)
+    repeats: int = Field(3, ge=1, le=50, description="timed runs per variant; the median is reported")
+    example_index: int = Field(1, ge=0, description="the test item timed (default: the first image's features question)")
+    resident: Literal["all", "one"] = Field("all", description="'all': every variant loaded at once, runs interleaved round by round; "
+                                            "'one': one variant in memory at a time (a GPU), its runs back to back")
+    variants: tuple[str, ...] | None = Field(None, description="variants to measure; None = every registered one")
+    bandwidth_gb_s: float = Field(320.0, gt=0, description="memory bandwidth of the target GPU for the bound (T4: 320 GB/s)")
+
+
+class ProxyJudgeParams(Strict):
+    """The offline judge's similarity thresholds (all-MiniLM-L6-v2 cosine between answer and reference)."""
+
+    sentence_model: str = Field("packaged", min_length=1)
+    excellent: float = Field(0.75, gt=0, le=1)
+    helpful: float = Field(0.55, gt=0, le=1)
+    partial: float = Field(0.35, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ProxyJudgeParams":
+        if not self.partial < self.helpful < self.excellent:
+            raise ValueError(f"thresholds must rise: partial < helpful < excellent; got {self.partial}, {self.helpful}, {self.excellent}")
+        return self
+
+
+class JudgeParams(Strict):
+    """07_judge: the paper's 1-4 LLM judge (Appendix A) and how scores are summarised.
+
+    The API key is never a param: ``api_key_env`` names the environment variable holding it.
+    """
+
+    backend: Literal["openai", "transformers", "proxy"] = "openai"
+    model: str = Field("Qwen/Qwen2.5-32B-Instruct", min_length=1, description="served model name (openai) or hub id/path (transformers)")
+    base_url: str = Field("http://localhost:8000/v1", pattern=r"^https?://", description="OpenAI-compatible endpoint (e.g. `vllm serve`)")
+    api_key_env: str | None = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="NAME of the environment variable holding the key; never the key itself")
+    concurrency: int = Field(8, ge=1, le=256)
+    timeout_seconds: float = Field(120.0, gt=0, le=3600)
+    max_retries: int = Field(4, ge=0, le=20, description="on 408/409/429/5xx and connection errors, with exponential backoff")
+    parse_retries: int = Field(2, ge=0, le=10, description="re-asks when a reply has no unambiguous rating")
+    max_tokens: int = Field(512, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    proxy: ProxyJudgeParams = ProxyJudgeParams()
+    bootstrap_samples: int = Field(2000, ge=100, le=100000, description="resamples of the items for 95 % confidence intervals")
+    figure5_item: int = Field(1, ge=0, description="the test item of Figure 5 (default: the first image's features question)")
+
+
 class RuntimeParams(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
@@ -236,6 +291,8 @@ class Params(Strict):
     pruning: PruningParams = PruningParams()
     recovery: RecoveryParams = RecoveryParams()
     quantization: QuantizationParams = QuantizationParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    judge: JudgeParams = JudgeParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")
@@ -268,12 +325,21 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
+def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in mapping.items():
+        paths += _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return paths
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid params in {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
+        elif "api_key" in key:  # someone may have pasted the key itself: never echo it into a log
+            lines.append(f"  {key}: must be the NAME of an environment variable (letters, digits, _), never the key itself; value not shown")
         else:
             lines.append(f"  {key}: {item['msg']}; got {item.get('input')!r}")
     return "\n".join(lines)
@@ -295,7 +361,7 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     try:
         return Params.model_validate(merged)
     except ValidationError as error:
-        source = str(path) + (" with overrides " + json.dumps(overrides) if overrides else "")
+        source = str(path) + (" with overrides of " + ", ".join(_key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
         raise ParamsError(_describe(error, source)) from None
 
 

@@ -1,0 +1,333 @@
+"""06_benchmark: parameters, bit width, memory and latency of every variant, measured alike.
+
+**Memory.** On CUDA, the paper's "VRAM": peak allocated GPU memory while the variant generates. On the
+CPU, two figures reported apart: the bytes of the model's tensors as stored (4-bit weights packed,
+with their scales), and the peak resident memory (RSS) the variant adds while it generates. Both
+"added" figures are measured from the process's level just before the variant was loaded, so they
+hold with other variants resident too: ``(after warm-up − before load) + (peak during a generation −
+just before it)``.
+
+**Latency.** Greedy decoding of one fixed test image + question with exactly ``new_tokens`` new
+tokens (end-of-turn suppressed), after warm-up, median of ``repeats`` runs, at
+``runtime.timing_threads`` threads. A stopping criterion timestamps every step, so prefill (prompt and
+image to the first token) and decode (each later token) come apart, measured inside ``generate`` with
+its per-step overhead, as a user sees it. With ``resident="all"`` every variant stays loaded and the
+timed runs go round by round over all of them, each round in a rotated order, so drift of the machine
+hits every variant alike.
+
+**Where a token's time goes.** One extra, untimed decode per variant with forward hooks on every
+decoder layer and on the lm_head splits a decode step into decoder layers, lm_head and the rest
+(sampling, cache updates, ``generate``'s bookkeeping). Hooks add a little time of their own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from medcomp.data import VQAExample, load_rgb
+from medcomp.files import atomic_write_json
+from medcomp.models import decoder_layers, tensor_bytes
+
+RESULTS = "benchmark.json"
+
+# LLaVA-1.5-7B's language model (llava-hf/llava-1.5-7b-hf config): the paper's model, for the T4 bound.
+PAPER_MODEL = {"layers": 32, "hidden": 4096, "intermediate": 11008, "vocab": 32064}
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS, so RSS reflects what is alive (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class MemoryProbe:
+    """The process's memory now and its peak over a block: RSS on the CPU, allocated memory on CUDA."""
+
+    def __init__(self, device: str):
+        import psutil
+
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self._process = psutil.Process()
+
+    def now(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return self._process.memory_info().rss
+
+    @contextmanager
+    def peak(self, interval: float = 0.002) -> Iterator[dict[str, int]]:
+        """``with probe.peak() as p: ...`` then ``p["peak"]`` is the highest reading during the block."""
+        import threading
+
+        found = {"peak": self.now()}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            yield found
+            torch.cuda.synchronize()
+            found["peak"] = max(found["peak"], torch.cuda.max_memory_allocated())
+            return
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(interval):
+                found["peak"] = max(found["peak"], self._process.memory_info().rss)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield found
+        finally:
+            stop.set()
+            thread.join()
+            found["peak"] = max(found["peak"], self.now())
+
+
+class StepClock:
+    """A stopping criterion that never stops and records when each new token is ready.
+
+    ``generate`` calls it once per step, after the token is chosen; the first call ends the prefill.
+    """
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.start = 0.0
+        self.times: list[float] = []
+
+    def reset(self) -> None:
+        self.times = []
+        self.start = time.perf_counter()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1000 * (self.times[0] - self.start)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1000 * (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+
+class TimeSplit:
+    """Forward hooks summing the time spent in decoder layers and in the lm_head during decode steps."""
+
+    def __init__(self, model, clock: StepClock):
+        self.clock = clock
+        self.seconds = {"decoder layers": 0.0, "lm_head": 0.0}
+        self._handles = []
+        self._started: dict[int, float] = {}
+        for module, part in [*[(layer, "decoder layers") for layer in decoder_layers(model)], (lm_head_of(model), "lm_head")]:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit(part)))
+
+    def _decoding(self) -> bool:
+        return bool(self.clock.times)  # the first token is out: every later forward is a decode step
+
+    def _enter(self, module, args) -> None:
+        if self._decoding():
+            if self.clock.cuda:
+                torch.cuda.synchronize()
+            self._started[id(module)] = time.perf_counter()
+
+    def _exit(self, part: str):
+        def hook(module, args, output) -> None:
+            started = self._started.pop(id(module), None)
+            if started is not None:
+                if self.clock.cuda:
+                    torch.cuda.synchronize()
+                self.seconds[part] += time.perf_counter() - started
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def lm_head_of(model) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.lm_head
+
+
+def model_inputs(processor, example: VQAExample, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    text = processor.apply_chat_template(example.prompt_messages(), add_generation_prompt=True)
+    inputs = processor(text=[text], images=[load_rgb(example.image)], return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return dict(inputs)
+
+
+@torch.inference_mode()
+def decode(model, inputs: dict[str, torch.Tensor], new_tokens: int, clock: StepClock) -> torch.Tensor:
+    """Greedy decoding of exactly ``new_tokens`` tokens (end-of-turn suppressed until then)."""
+    from transformers import StoppingCriteriaList
+
+    clock.reset()
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          stopping_criteria=StoppingCriteriaList([clock]))
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every decoder layer and the lm_head (the embedding
+    lookup reads one row; the vision tower and projector run only in prefill)."""
+    return tensor_bytes(decoder_layers(model)) + sum(p.numel() * p.element_size() for p in lm_head_of(model).parameters())
+
+
+def paper_model_bytes_per_token(layers_removed: int = 0, bits: int = 16, group_size: int = 64) -> float:
+    """The same bytes for LLaVA-1.5-7B's language model: fp16, or 4-bit with an fp16 scale and a
+    4-bit zero point per group (AWQ's GEMM layout); the lm_head stays fp16."""
+    m = PAPER_MODEL
+    per_layer = 4 * m["hidden"] ** 2 + 3 * m["hidden"] * m["intermediate"]
+    bytes_per_weight = 2.0 if bits == 16 else bits / 8 + (2 + 0.5) / group_size
+    return (m["layers"] - layers_removed) * per_layer * bytes_per_weight + m["vocab"] * m["hidden"] * 2
+
+
+@dataclass
+class Measurement:
+    variant: str
+    stage: str
+    parameters: int | None
+    bits: int
+    model_bytes: int
+    decoder_bytes: int
+    bytes_per_token: int
+    resident_bytes: int  # added by loading and warming up the variant
+    generation_peak_bytes: int  # resident + the peak a generation adds on top
+    load_seconds: float
+    prefill_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    split_ms: dict[str, float] = field(default_factory=dict)  # per decode token, from the hooked run
+    memory_kind: str = "RSS"
+
+
+def _measure_setup(variant, processor, example, settings, device, probe, load) -> tuple[Any, Measurement, dict[str, torch.Tensor], StepClock]:
+    """Load, warm up, measure memory and the time split of one variant; it stays loaded."""
+    from medcomp.quantization import decoder_bytes
+
+    _trim_heap()
+    before = probe.now()
+    started = time.perf_counter()
+    model = load(variant)
+    load_seconds = time.perf_counter() - started
+    inputs = model_inputs(processor, example, model.dtype, device)
+    clock = StepClock(probe.cuda)
+    for _ in range(settings.warmup):
+        decode(model, inputs, settings.new_tokens, clock)
+    _trim_heap()
+    resident = probe.now() - before
+    idle = probe.now()
+    with probe.peak() as peak:
+        decode(model, inputs, settings.new_tokens, clock)
+    split = TimeSplit(model, clock)
+    try:
+        decode(model, inputs, settings.new_tokens, clock)
+    finally:
+        split.remove()
+    steps = len(clock.times) - 1
+    hooked_ms = clock.decode_ms_per_token
+    split_ms = {part: 1000 * seconds / steps for part, seconds in split.seconds.items()}
+    split_ms["rest"] = hooked_ms - sum(split_ms.values())
+    measurement = Measurement(variant.name, variant.stage, variant.parameters, variant.bits, tensor_bytes(model), decoder_bytes(model),
+                              weight_bytes_per_token(model), resident, resident + max(0, peak["peak"] - idle), load_seconds,
+                              split_ms=split_ms, memory_kind="allocated CUDA memory" if probe.cuda else "RSS")
+    return model, measurement, inputs, clock
+
+
+def benchmark_variants(variants: Sequence[Any], processor, example: VQAExample, settings, device: str, threads: int,
+                       load=None, progress: bool = True) -> list[Measurement]:
+    """Measure ``variants`` (registry entries) as the module docstring says; ``load`` defaults to
+    ``quantization.load_variant``."""
+    from medcomp.quantization import load_variant
+
+    load = load or (lambda v: load_variant(v, "float32" if device == "cpu" else "float16", device))
+    probe = MemoryProbe(device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measurements: list[Measurement] = []
+        if settings.resident == "all":
+            loaded = []
+            for variant in tqdm(variants, desc="loading, warm-up, memory", unit="variant", disable=not progress):
+                model, measurement, inputs, clock = _measure_setup(variant, processor, example, settings, device, probe, load)
+                loaded.append((model, measurement, inputs, clock))
+                measurements.append(measurement)
+            for round_index in tqdm(range(settings.repeats), desc="timed rounds", unit="round", disable=not progress):
+                shift = round_index % len(loaded)
+                for model, measurement, inputs, clock in loaded[shift:] + loaded[:shift]:
+                    decode(model, inputs, settings.new_tokens, clock)
+                    measurement.prefill_ms.append(clock.prefill_ms)
+                    measurement.decode_ms.append(clock.decode_ms_per_token)
+            del loaded
+        else:
+            for variant in tqdm(variants, desc="variants", unit="variant", disable=not progress):
+                model, measurement, inputs, clock = _measure_setup(variant, processor, example, settings, device, probe, load)
+                for _ in range(settings.repeats):
+                    decode(model, inputs, settings.new_tokens, clock)
+                    measurement.prefill_ms.append(clock.prefill_ms)
+                    measurement.decode_ms.append(clock.decode_ms_per_token)
+                measurements.append(measurement)
+                del model
+                _trim_heap()
+                if probe.cuda:
+                    torch.cuda.empty_cache()
+        return measurements
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def save_measurements(directory: Path, measurements: Sequence[Measurement], meta: dict[str, Any]) -> Path:
+    path = Path(directory) / RESULTS
+    atomic_write_json(path, {"meta": meta, "measurements": [asdict(m) for m in measurements]})
+    return path
+
+
+def load_measurements(directory: Path) -> tuple[list[Measurement], dict[str, Any]]:
+    import json
+
+    path = Path(directory) / RESULTS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run 06_benchmark before 07_judge")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return [Measurement(**m) for m in saved["measurements"]], saved["meta"]
+
+
+def efficiency_table(measurements: Sequence[Measurement], reference: str = "finetuned", bandwidth_gb_s: float = 320.0):
+    """One row per variant: absolute figures and ratios to ``reference``; the time split per token;
+    and the decode time a GPU with ``bandwidth_gb_s`` could not beat (weight bytes read per token)."""
+    import pandas as pd
+
+    rows = []
+    for m in measurements:
+        decode_ms, prefill_ms = statistics.median(m.decode_ms), statistics.median(m.prefill_ms)
+        rows.append({"variant": m.variant, "stage": m.stage, "parameters (M)": round((m.parameters or 0) / 1e6, 1), "bits": m.bits,
+                     "model MB": m.model_bytes / 1e6, "decoder MB": m.decoder_bytes / 1e6,
+                     "resident MB": m.resident_bytes / 1e6, "peak memory during generation MB": m.generation_peak_bytes / 1e6,
+                     "prefill ms": prefill_ms, "decode ms/token": decode_ms,
+                     "decode spread ms": max(m.decode_ms) - min(m.decode_ms),
+                     "layers ms/token": m.split_ms.get("decoder layers"), "lm_head ms/token": m.split_ms.get("lm_head"),
+                     "rest ms/token": m.split_ms.get("rest"),
+                     "weights read per token MB": m.bytes_per_token / 1e6,
+                     "bandwidth bound ms/token": 1000 * m.bytes_per_token / (bandwidth_gb_s * 1e9)})
+    table = pd.DataFrame(rows).set_index("variant")
+    if reference in table.index:
+        for column, ratio in [("model MB", "model MB × finetuned"), ("peak memory during generation MB", "peak memory × finetuned"),
+                              ("decode ms/token", "decode × finetuned"), ("prefill ms", "prefill × finetuned")]:
+            table[ratio] = table[column] / table.loc[reference, column]
+    return table

@@ -1,0 +1,302 @@
+"""The judge: its reply parser on messy replies, the openai backend against a fake OpenAI-compatible
+server on loopback (real HTTP), the transformers backend with the embedded SmolLM2, the proxy, the
+cache, and the statistics that turn ratings into the paper's scores."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from medcomp import judging, scoring
+from medcomp.judging import JudgeItem, JudgementCache, OpenAIJudge, judge_items, parse_rating
+
+# ------------------------------------------------------------------------------------------ the parser
+
+MESSY_REPLIES = [
+    ('{"Evaluation": "fine", "Rating": 3}', 3),
+    ('```json\n{"Evaluation": "good", "Rating": 4}\n```', 4),
+    ('Here is my assessment:\n```\n{"Evaluation": "x", "Rating": "2"}\n```\nHope this helps.', 2),
+    ('Sure! {"Evaluation": "The answer {mostly} fits", "Rating": 3} That is all.', 3),
+    ('"Evaluation": "The system answer provides a general answer", "Rating": 2', 2),  # the paper's own sample, no braces
+    ("Evaluation: relevant and direct.\nRating: 4", 4),
+    ("**Rating**: 1\nThe answer is irrelevant.", 1),
+    ("Total rating: 3/4", 3),
+    ('{"evaluation": "ok", "rating": 3.0}', 3),
+    ('{"Evaluation": "ok", "total rating": 2}', 2),
+    ("<think>Rating: 1 maybe? no</think>\n{\"Evaluation\": \"ok\", \"Rating\": 4}", 4),
+    # never guess:
+    ('{"Evaluation": "great", "Rating": 5}', None),  # out of range
+    ('{"Evaluation": "meh", "Rating": 0}', None),
+    ("Rating: 3.5", None),  # not a whole rating
+    ("Rating: 4/5", None),  # another scale
+    ('{"Rating": 2} ... on reflection {"Rating": 3}', None),  # two different ratings
+    ("Rating: 2. Actually, Rating: 4.", None),
+    ('{"Evaluation": "good", "Rating": "excellent"}', None),
+    ("The answer is mostly helpful.", None),
+    ("", None),
+    (None, None),
+    ("   \n ", None),
+    ('{"Evaluation": "cut off mid-sentence, "Rat', None),
+]
+
+
+@pytest.mark.parametrize("reply,expected", MESSY_REPLIES)
+def test_a_rating_is_taken_only_where_it_is_unambiguous(reply, expected):
+    parsed = parse_rating(reply)
+    assert parsed.rating == expected
+    assert (parsed.problem is None) == (expected is not None)
+
+
+def test_the_same_rating_twice_is_not_ambiguous_and_the_evaluation_is_kept():
+    parsed = parse_rating('```json\n{"Evaluation": "direct", "Rating": 4}\n```\nRating: 4')
+    assert parsed.rating == 4 and parsed.evaluation == "direct"
+
+
+def test_the_prompt_is_the_papers_and_carries_the_item():
+    messages = judging.judge_messages("What is X?", "It is Y.", "This is X.")
+    assert "scale of 1 to 4" in messages[0]["content"] and '"Rating"' in messages[0]["content"]
+    assert "Question: What is X?\nAnswer: It is Y.\nReference: This is X." in messages[1]["content"]
+
+
+# ------------------------------------------------------------------------------------------ a fake OpenAI-compatible server
+
+
+class FakeServer:
+    """Answers POST /v1/chat/completions from a script of behaviours, one per request, then the
+    default; records each request's headers and body and the highest number in flight at once."""
+
+    def __init__(self):
+        self.script: list[tuple] = []
+        self.default: tuple = ("reply", '{"Evaluation": "ok", "Rating": 3}')
+        self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                    behaviour = server.script.pop(0) if server.script else server.default
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._act(behaviour, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _act(self, behaviour, body):
+                kind = behaviour[0]
+                if kind == "hang":
+                    time.sleep(behaviour[1])
+                    return self._send(200, _completion('{"Rating": 4}', body))
+                if kind == "slow":
+                    time.sleep(behaviour[1])
+                    return self._send(200, _completion(behaviour[2], body))
+                if kind == "status":
+                    return self._send(behaviour[1], {"error": {"message": "try later"}}, {"retry-after-ms": "5"})
+                if kind == "garbage":
+                    return self._send(200, b"<html>502 Bad Gateway</html>")
+                return self._send(200, _completion(behaviour[1], body))
+
+            def _send(self, status, payload, headers=None):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(content: str, body: dict) -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    yield fake
+    fake.close()
+
+
+ITEMS = [JudgeItem("v", f"melanoma/{i}.png|name", f"What is the name of this disease? ({i})", f"answer {i}", "This is melanoma.",
+                   "melanoma", "name") for i in range(6)]
+
+
+def _judge(server, **kwargs) -> OpenAIJudge:
+    settings = {"timeout": 5.0, "max_retries": 2, "concurrency": 2, "api_key_env": "MEDCOMP_TEST_JUDGE_KEY"} | kwargs
+    return OpenAIJudge("judge-model", server.url, **settings)
+
+
+def test_429_then_success_is_retried_with_backoff(server, tmp_path):
+    server.script = [("status", 429), ("status", 429)]
+    [judgement] = judge_items(_judge(server, concurrency=1), ITEMS[:1], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert judgement.status == "valid" and judgement.rating == 3
+    assert len(server.requests) == 3
+
+
+def test_persistent_500s_fail_the_item_without_caching_it_and_a_rerun_retries(server, tmp_path):
+    server.script = [("status", 500)] * 3
+    cache = JudgementCache(tmp_path / "c.jsonl")
+    [judgement] = judge_items(_judge(server, max_retries=2, concurrency=1), ITEMS[:1], cache, progress=False)
+    assert judgement.status == "failed" and "500" in judgement.problem and judgement.rating is None
+    assert len(server.requests) == 3  # first try + 2 retries
+    [again] = judge_items(_judge(server), ITEMS[:1], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert again.status == "valid"
+
+
+def test_a_hang_past_the_timeout_fails_the_item_quickly(server, tmp_path):
+    server.script = [("hang", 3.0)]
+    started = time.perf_counter()
+    [judgement] = judge_items(_judge(server, timeout=0.5, max_retries=0, concurrency=1), ITEMS[:1], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert judgement.status == "failed" and "Timeout" in judgement.problem
+    assert time.perf_counter() - started < 2.5
+
+
+def test_a_body_that_is_not_json_fails_the_item_and_nothing_crashes(server, tmp_path):
+    server.script = [("garbage",)]
+    judgements = judge_items(_judge(server, max_retries=0, concurrency=1), ITEMS[:2], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert [j.status for j in judgements] == ["failed", "valid"]
+
+
+def test_an_unreadable_reply_is_asked_again_then_recorded_invalid_and_cached(server, tmp_path):
+    server.script = [("reply", "It is a good answer."), ("reply", '{"Evaluation": "x", "Rating": 4}'),  # item 1: fixed on the re-ask
+                     ("reply", "Rating: 9"), ("reply", "no idea"), ("reply", "")]  # item 2: never readable
+    cache = JudgementCache(tmp_path / "c.jsonl")
+    first, second = judge_items(_judge(server, concurrency=1), ITEMS[:2], cache, parse_retries=2, progress=False)
+    assert (first.status, first.rating, first.attempts) == ("valid", 4, 2)
+    assert second.status == "invalid" and second.rating is None and second.attempts == 3 and second.problem == "empty reply"
+    re_ask = server.requests[1]["body"]["messages"]
+    assert re_ask[-2] == {"role": "assistant", "content": "It is a good answer."} and "Rating" in re_ask[-1]["content"]
+    asked = len(server.requests)
+    again = judge_items(_judge(server), ITEMS[:2], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert [j.status for j in again] == ["valid", "invalid"] and len(server.requests) == asked  # all from the cache
+
+
+def test_the_key_comes_from_the_environment_and_goes_nowhere_else(server, tmp_path, monkeypatch, capsys):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("MEDCOMP_TEST_JUDGE_KEY", secret)
+    judge = _judge(server)
+    judge_items(judge, ITEMS[:2], JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert server.requests[0]["headers"]["authorization"] == f"Bearer {secret}"
+    assert secret not in judge.identity
+    assert secret not in (tmp_path / "c.jsonl").read_text()
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+
+
+def test_concurrency_is_bounded(server, tmp_path):
+    server.default = ("slow", 0.3, '{"Evaluation": "ok", "Rating": 2}')
+    started = time.perf_counter()
+    judgements = judge_items(_judge(server, concurrency=3), ITEMS, JudgementCache(tmp_path / "c.jsonl"), progress=False)
+    assert all(j.rating == 2 for j in judgements)
+    assert server.max_in_flight == 3
+    assert time.perf_counter() - started < 6 * 0.3  # concurrent, not one by one
+
+
+# ------------------------------------------------------------------------------------------ cache, proxy, transformers
+
+
+def test_the_cache_survives_a_torn_last_line_and_keys_on_every_input(tmp_path):
+    cache = JudgementCache(tmp_path / "c.jsonl")
+    cache.put("judge-a", ITEMS[0], judging.Judgement("valid", 3))
+    with (tmp_path / "c.jsonl").open("a") as handle:
+        handle.write('{"key": "abc", "judgement": {"sta')  # an interrupted write
+    reopened = JudgementCache(tmp_path / "c.jsonl")
+    assert reopened.skipped_lines == 1 and reopened.get("judge-a", ITEMS[0]).rating == 3
+    assert reopened.get("judge-b", ITEMS[0]) is None
+    changed = JudgeItem(**{**ITEMS[0].__dict__, "answer": "another answer"})
+    assert reopened.get("judge-a", changed) is None
+
+
+def test_the_proxy_rates_the_disease_named_and_the_closeness_to_the_reference():
+    judge = judging.ProxyJudge()
+    rosacea = "Rosacea is treated by avoiding triggers, daily sun protection, topical metronidazole, azelaic acid or ivermectin."
+    items = [
+        JudgeItem("v", "a|name", "What is the name of this disease?", "This is melanoma.", "This is melanoma.", "melanoma", "name"),
+        JudgeItem("v", "b|name", "What is the name of this disease?", "This is rosacea.", "This is melanoma.", "melanoma", "name"),
+        JudgeItem("v", "c|name", "What is the name of this disease?", "A skin lesion.", "This is melanoma.", "melanoma", "name"),
+        JudgeItem("v", "d|treatment", "How is rosacea treated?", rosacea, rosacea, "rosacea", "treatment"),
+        JudgeItem("v", "e|treatment", "How is rosacea treated?", "Psoriasis is treated with light therapy.", rosacea, "rosacea", "treatment"),
+        JudgeItem("v", "f|treatment", "How is rosacea treated?", "The weather is sunny today.", rosacea, "rosacea", "treatment"),
+    ]
+    ratings = [j.rating for j in judge.rate_many(items)]
+    assert ratings[0] == 4 and ratings[1] == 1 and ratings[2] == 1
+    assert ratings[3] == 4 and ratings[4] == 1 and ratings[5] <= 2
+    assert judge.rate_many(items) == judge.rate_many(items)  # deterministic
+
+
+def test_the_transformers_backend_runs_the_embedded_smollm2_through_its_chat_template(tmp_path):
+    judge = judging.TransformersJudge("embedded:smollm2", max_new_tokens=24)
+    [judgement] = judge_items(judge, ITEMS[:1], JudgementCache(tmp_path / "c.jsonl"), parse_retries=1, progress=False)
+    assert judgement.status in ("valid", "invalid") and judgement.reply  # a 135M model's rating may be poor; the plumbing works
+    assert (judgement.rating in (1, 2, 3, 4)) == (judgement.status == "valid")
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_scores_scale_the_mean_rating_as_the_paper_does():
+    assert scoring.score([1, 1, 1]) == 25.0  # Table 5's "unintelligible" RTN and Table 4's Prune + Quant
+    assert scoring.score([4, 4]) == 100.0 and scoring.score_from_zero([1, 1]) == 0.0
+
+
+def test_the_bootstrap_interval_holds_the_score_and_narrows_with_more_items():
+    rng = np.random.default_rng(0)
+    few, many = rng.integers(1, 5, 30), rng.integers(1, 5, 3000)
+    low, high = scoring.bootstrap_ci(few)
+    assert low < scoring.score(few) < high
+    low_many, high_many = scoring.bootstrap_ci(many)
+    assert high_many - low_many < (high - low) / 5
+
+
+def test_paired_comparisons_give_plain_verdicts():
+    keys = [f"k{i}" for i in range(60)]
+    better = {k: 4 for k in keys}
+    worse = {k: 1 + (i % 2) for i, k in enumerate(keys)}
+    assert scoring.paired_difference(better, worse).verdict == "holds"
+    assert scoring.paired_difference(worse, better).verdict == "does not hold"
+    noisy = {k: 1 + (i * 7) % 4 for i, k in enumerate(keys)}
+    shuffled = {k: 1 + (i * 3) % 4 for i, k in enumerate(keys)}
+    assert scoring.paired_difference(noisy, shuffled).verdict == "within noise"
+    assert scoring.paired_difference(better, {}).verdict == "not measured"
+
+
+def test_agreement_of_two_judges():
+    a = {f"k{i}": 1 + i % 4 for i in range(40)}
+    assert scoring.agreement(a, a)["weighted kappa"] == pytest.approx(1.0)
+    assert scoring.agreement(a, a)["spearman"] == pytest.approx(1.0)
+    flipped = {k: 5 - v for k, v in a.items()}
+    assert scoring.agreement(a, flipped)["weighted kappa"] < 0
+    assert scoring.agreement(a, {"k0": 1})["items"] == 1
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_both():
+    import pandas as pd
+
+    points = pd.DataFrame({"memory": [10, 5, 5, 2, 8], "score": [80, 70, 60, 30, 50]}, index=list("abcde"))
+    assert list(scoring.pareto_front(points, "memory", "score")) == ["a", "b", "d"]
