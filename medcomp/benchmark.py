@@ -205,6 +205,7 @@ class Measurement:
     stage: str
     parameters: int | None
     bits: int
+    layers: int
     model_bytes: int
     decoder_bytes: int
     bytes_per_token: int
@@ -244,7 +245,8 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     hooked_ms = clock.decode_ms_per_token
     split_ms = {part: 1000 * seconds / steps for part, seconds in split.seconds.items()}
     split_ms["rest"] = hooked_ms - sum(split_ms.values())
-    measurement = Measurement(variant.name, variant.stage, variant.parameters, variant.bits, tensor_bytes(model), decoder_bytes(model),
+    measurement = Measurement(variant.name, variant.stage, variant.parameters, variant.bits, len(decoder_layers(model)), tensor_bytes(model),
+                              decoder_bytes(model),
                               weight_bytes_per_token(model), resident, resident + max(0, peak["peak"] - idle), load_seconds,
                               split_ms=split_ms, memory_kind="allocated CUDA memory" if probe.cuda else "RSS")
     return model, measurement, inputs, clock
@@ -317,11 +319,12 @@ def efficiency_table(measurements: Sequence[Measurement], reference: str = "fine
     for m in measurements:
         decode_ms, prefill_ms = statistics.median(m.decode_ms), statistics.median(m.prefill_ms)
         rows.append({"variant": m.variant, "stage": m.stage, "parameters (M)": round((m.parameters or 0) / 1e6, 1), "bits": m.bits,
-                     "model MB": m.model_bytes / 1e6, "decoder MB": m.decoder_bytes / 1e6,
+                     "layers": m.layers, "model MB": m.model_bytes / 1e6, "decoder MB": m.decoder_bytes / 1e6,
                      "resident MB": m.resident_bytes / 1e6, "peak memory during generation MB": m.generation_peak_bytes / 1e6,
                      "prefill ms": prefill_ms, "decode ms/token": decode_ms,
                      "decode spread ms": max(m.decode_ms) - min(m.decode_ms),
-                     "layers ms/token": m.split_ms.get("decoder layers"), "lm_head ms/token": m.split_ms.get("lm_head"),
+                     "layers ms/token": m.split_ms.get("decoder layers"),
+                     "ms per layer": m.split_ms.get("decoder layers", float("nan")) / max(1, m.layers), "lm_head ms/token": m.split_ms.get("lm_head"),
                      "rest ms/token": m.split_ms.get("rest"),
                      "weights read per token MB": m.bytes_per_token / 1e6,
                      "bandwidth bound ms/token": 1000 * m.bytes_per_token / (bandwidth_gb_s * 1e9)})
@@ -331,3 +334,48 @@ def efficiency_table(measurements: Sequence[Measurement], reference: str = "fine
                               ("decode ms/token", "decode × finetuned"), ("prefill ms", "prefill × finetuned")]:
             table[ratio] = table[column] / table.loc[reference, column]
     return table
+
+
+def table_4_efficiency(rows: Sequence[tuple[str, str]], table, paper_table):
+    """Table 4's efficiency columns: each paper method's variant on this run (``scoring.PaperRows.table_4``),
+    ours as absolute and × the original, beside the paper's latency and VRAM and their own ratios."""
+    import pandas as pd
+
+    original = paper_table.loc["Original LLaVA"]
+    out = []
+    for method, name in rows:
+        if name not in table.index:
+            continue
+        r = table.loc[name]
+        row = {"method": method, "variant": name, "parameters (M)": r["parameters (M)"], "bit width": r["bits"],
+               "model MB": f"{r['model MB']:.1f} ({r['model MB × finetuned']:.2f}×)",
+               "peak memory during generation MB": f"{r['peak memory during generation MB']:.0f} ({r['peak memory × finetuned']:.2f}×)",
+               "prefill ms": f"{r['prefill ms']:.1f} ({r['prefill × finetuned']:.2f}×)",
+               "decode ms/token": f"{r['decode ms/token']:.2f} ({r['decode × finetuned']:.2f}×)"}
+        if method in paper_table.index:
+            p = paper_table.loc[method]
+            row |= {"paper: parameters (B)": p["parameters (B)"], "paper: bit width": p["bit width"],
+                    "paper: latency ms/token": f"{p['latency (ms/token)']} ({p['latency (ms/token)'] / original['latency (ms/token)']:.2f}×)",
+                    "paper: VRAM GB": f"{p['VRAM (GB)']} ({p['VRAM (GB)'] / original['VRAM (GB)']:.2f}×)"}
+        out.append(row)
+    return pd.DataFrame(out).set_index("method")
+
+
+def paper_bandwidth_bounds(paper_table, bandwidth_gb_s: float = 320.0, group_size: int = 64):
+    """What the paper's T4 latencies would be if decoding only had to read the weights once per token:
+    LLaVA-1.5-7B's language model at its Table 4 bit widths, the layers removed read off its parameter
+    count (7.06B unpruned, 0.20B a layer: its "5.85B" is 6 layers), against the latency the paper measured."""
+    import pandas as pd
+
+    m = PAPER_MODEL
+    per_layer_billions = (4 * m["hidden"] ** 2 + 3 * m["hidden"] * m["intermediate"]) / 1e9
+    unpruned = paper_table["parameters (B)"].max()
+    rows = []
+    for method, p in paper_table.iterrows():
+        removed = round((unpruned - p["parameters (B)"]) / per_layer_billions)
+        needed = paper_model_bytes_per_token(removed, int(p["bit width"]), group_size)
+        bound = 1000 * needed / (bandwidth_gb_s * 1e9)
+        rows.append({"method": method, "layers": 32 - removed, "bit width": int(p["bit width"]), "weights read per token GB": round(needed / 1e9, 2),
+                     "bandwidth bound ms/token": round(bound, 1), "paper: measured ms/token": p["latency (ms/token)"],
+                     "measured ÷ bound": round(p["latency (ms/token)"] / bound, 1)})
+    return pd.DataFrame(rows).set_index("method")

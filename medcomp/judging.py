@@ -389,6 +389,9 @@ class JudgementCache:
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def judges(self) -> set[str]:
         return {entry["judge"] for entry in self._entries.values()}
 
@@ -398,22 +401,54 @@ def judge_items(judge, items: Sequence[JudgeItem], cache: JudgementCache, parse_
     """A judgement per item, in order: cached ones read back, the rest judged (concurrently up to the
     judge's ``concurrency``) and cached as they arrive."""
     results: list[Judgement | None] = [cache.get(judge.identity, item) for item in items]
-    missing = [index for index, found in enumerate(results) if found is None]
-    if missing and hasattr(judge, "rate_many"):
-        for index, judgement in zip(missing, judge.rate_many([items[i] for i in missing])):
-            cache.put(judge.identity, items[index], judgement)
-            results[index] = judgement
-    elif missing:
+    # Variants often give the same answer to the same question: judge each distinct one once.
+    waiting: dict[str, list[int]] = {}
+    for index, found in enumerate(results):
+        if found is None:
+            waiting.setdefault(JudgementCache.key(judge.identity, items[index]), []).append(index)
+    firsts = [indices[0] for indices in waiting.values()]
+
+    def record(index: int, judgement: Judgement) -> None:
+        cache.put(judge.identity, items[index], judgement)
+        for same in waiting[JudgementCache.key(judge.identity, items[index])]:
+            results[same] = judgement
+
+    if firsts and hasattr(judge, "rate_many"):
+        for index, judgement in zip(firsts, judge.rate_many([items[i] for i in firsts])):
+            record(index, judgement)
+    elif firsts:
         with ThreadPoolExecutor(max_workers=max(1, judge.concurrency)) as pool, \
-                tqdm(total=len(missing), desc=description, unit="answer", disable=not progress) as bar:
-            futures = {pool.submit(judge_with_retries, judge, items[i], parse_retries): i for i in missing}
+                tqdm(total=len(firsts), desc=description, unit="answer", disable=not progress) as bar:
+            futures = {pool.submit(judge_with_retries, judge, items[i], parse_retries): i for i in firsts}
             for future in as_completed(futures):
-                index = futures[future]
-                judgement = future.result()
-                cache.put(judge.identity, items[index], judgement)
-                results[index] = judgement
+                record(futures[future], future.result())
                 bar.update()
     return [r for r in results if r is not None]
+
+
+def judge_answers(judge, answers: dict[str, Sequence[dict[str, Any]]], cache: JudgementCache, parse_retries: int = 2,
+                  progress: bool = True) -> dict[str, tuple[list[JudgeItem], list[Judgement]]]:
+    """Judge every variant's saved answers in one pass (one progress bar, concurrency across
+    variants); returns each variant's items and judgements, in its answers' order."""
+    items = [item for variant, rows in answers.items() for item in items_from_answers(variant, rows)]
+    judgements = judge_items(judge, items, cache, parse_retries, progress, description=f"judging ({judge.identity.split('|')[0]})")
+    grouped: dict[str, tuple[list[JudgeItem], list[Judgement]]] = {variant: ([], []) for variant in answers}
+    for item, judgement in zip(items, judgements):
+        grouped[item.variant][0].append(item)
+        grouped[item.variant][1].append(judgement)
+    return grouped
+
+
+def other_judges(cache: JudgementCache, identity: str, items: Sequence[JudgeItem]) -> dict[str, dict[str, int]]:
+    """Valid ratings that judges other than ``identity`` left in the cache for ``items``, by judge
+    and by ``variant|key``: what an agreement between judges can be computed on."""
+    found: dict[str, dict[str, int]] = {}
+    for other in sorted(cache.judges() - {identity}):
+        ratings = {f"{item.variant}|{item.key}": j.rating for item in items
+                   for j in [cache.get(other, item)] if j is not None and j.status == "valid" and j.rating is not None}
+        if ratings:
+            found[other] = ratings
+    return found
 
 
 def cached_judgements(cache: JudgementCache, identity: str, items: Sequence[JudgeItem]) -> list[Judgement | None]:

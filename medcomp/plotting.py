@@ -204,3 +204,91 @@ def survival_by_layer(frames: dict[str, pd.DataFrame], title: str = "Share of th
     axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def memory_vs_latency(table: pd.DataFrame, memory: str = "model MB", latency: str = "decode ms/token",
+                      title: str = "Memory against decode latency, every variant"):
+    """One point per variant (``benchmark.efficiency_table``), coloured by bit width."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for bits, group in table.groupby("bits"):
+        axes.scatter(group[memory], group[latency], s=30, label=f"{bits}-bit")
+        for name, row in group.iterrows():
+            axes.annotate(name, (row[memory], row[latency]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel(memory)
+    axes.set_ylabel(f"{latency} (median)")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def decode_time_split(table: pd.DataFrame, title: str = "Where a decoded token's time goes"):
+    """Stacked bars per variant: decoder layers, lm_head and the rest, ms per decoded token."""
+    parts = ["layers ms/token", "lm_head ms/token", "rest ms/token"]
+    figure, axes = plt.subplots(figsize=(9, 0.35 * len(table) + 1.5))
+    left = pd.Series(0.0, index=table.index)
+    for part, colour in zip(parts, ["tab:blue", "tab:orange", "tab:gray"]):
+        axes.barh(table.index, table[part], left=left, color=colour, label=part.replace(" ms/token", ""))
+        left = left + table[part]
+    axes.invert_yaxis()
+    axes.set_xlabel("ms per decoded token (hooked run)")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def scores_with_intervals(table: pd.DataFrame, title: str = "Judge score per variant (95 % bootstrap interval)"):
+    """Horizontal bars of ``score`` with ``95% CI low``/``high`` error bars (``scoring.score_table``)."""
+    figure, axes = plt.subplots(figsize=(8, 0.3 * len(table) + 1.5))
+    errors = [table["score"] - table["95% CI low"], table["95% CI high"] - table["score"]]
+    axes.barh(table.index, table["score"], xerr=errors, color="tab:blue", alpha=0.8, capsize=2)
+    axes.axvline(25, color="black", linewidth=0.8, linestyle=":")
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("score = 100 · mean rating / 4 (25 = every answer rated 1)")
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def score_vs_memory(points: pd.DataFrame, front: Sequence[str], memory: str = "model MB",
+                    title: str = "Score against memory; the Pareto front joined"):
+    """Score (with interval) against memory per variant, the non-dominated variants joined by a line."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    errors = [points["score"] - points["95% CI low"], points["95% CI high"] - points["score"]]
+    axes.errorbar(points[memory], points["score"], yerr=errors, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2, markersize=4)
+    frontier = points.loc[list(front)].sort_values(memory)
+    axes.plot(frontier[memory], frontier["score"], color="tab:red", marker="o", label="Pareto front")
+    for name, row in points.iterrows():
+        axes.annotate(name, (row[memory], row["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel(memory)
+    axes.set_ylabel("score")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def case_study(image_path: str, question: str, reference: str, answers: dict[str, tuple[str, int | None]],
+               title: str = "Figure 5 · one case across compression stages"):
+    """The paper's Figure 5: one image and question, the reference, and each stage's answer with its rating."""
+    from PIL import Image
+
+    figure = plt.figure(figsize=(11, 2.0 + 1.1 * len(answers)))
+    image_axes = figure.add_axes([0.01, 0.55, 0.14, 0.4])
+    image_axes.imshow(Image.open(image_path))
+    image_axes.axis("off")
+    text_axes = figure.add_axes([0.17, 0.0, 0.82, 1.0])
+    text_axes.axis("off")
+    text_axes.text(0, 0.97, f"Q: {question}", fontsize=9, style="italic", va="top")
+    text_axes.text(0, 0.89, "Reference: " + _wrap(reference, 110, 2), fontsize=8, va="top", color="tab:green")
+    step = 0.75 / max(1, len(answers))
+    for row, (stage, (answer, rating)) in enumerate(answers.items()):
+        y = 0.75 - row * step
+        text_axes.text(0, y, f"{stage}\nrating {rating if rating is not None else '—'}/4", fontsize=8, weight="bold", va="top")
+        text_axes.text(0.25, y, _wrap(answer, 95, 3), fontsize=8, va="top")
+    figure.suptitle(title, x=0.5, y=1.02)
+    return figure

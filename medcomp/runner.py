@@ -255,15 +255,19 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
         else f"Real world: {html.escape(params.model.id)} on {html.escape(params.data.root)}."
     )
     total = sum(o.seconds for o in outcomes if o.status in ("ok", "failed"))
+    headlines = "".join(run.headline(o.stage) for o in outcomes if o.status in ("ok", "reused", "stale"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>medcomp run {html.escape(params.run_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}}tr.failed{{background:#fdd}}
-tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}pre.error{{white-space:pre-wrap;font-size:12px}}</style></head><body>
+tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}pre.error{{white-space:pre-wrap;font-size:12px}}
+.headline table{{width:auto;font-size:13px}}.headline td,.headline th{{padding:3px 6px}}</style></head><body>
 <h1>medcomp run <code>{html.escape(params.run_name)}</code></h1>
 <p>Reproducing <i>Compression Strategies for Efficient Multimodal LLMs in Medical Contexts</i> (arXiv 2507.21976).</p>
 <p><b>{world_note}</b></p>
 <p>Executed this time: {total:.0f} s. <a href="manifest.json">manifest.json</a> (params, git commit, packages, hardware),
 <a href="registry.json">registry.json</a> (model variants and answers).</p>
+{headlines}
+<h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>status</th><th>duration</th><th>key figures</th></tr>
 {''.join(rows)}</table></body></html>
 """

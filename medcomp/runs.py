@@ -121,6 +121,16 @@ class Run:
         """Key figures of a stage, shown on the run's index page."""
         atomic_write_json(self.stage_dir(stage) / "summary.json", summary)
 
+    def write_headline(self, stage: str, html_fragment: str) -> None:
+        """An HTML fragment the run's index page shows above its list of notebooks."""
+        from medcomp.files import atomic_write_text
+
+        atomic_write_text(self.stage_dir(stage) / "headline.html", html_fragment)
+
+    def headline(self, stage: str) -> str:
+        path = self.directory / "stages" / stage / "headline.html"
+        return path.read_text(encoding="utf-8") if path.exists() else ""
+
     def summary(self, stage: str) -> dict[str, Any]:
         path = self.directory / "stages" / stage / "summary.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

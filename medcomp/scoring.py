@@ -321,3 +321,67 @@ def pareto_front(points: pd.DataFrame, cost: str, value: str) -> pd.Index:
         if not dominated.any():
             front.append(name)
     return pd.Index(front)
+
+
+def paper_rows_for_run(run, params) -> PaperRows:
+    """``paper_rows`` for a run: 03's levels recomputed for the finetuned model's depth, as 03 and 04 map them."""
+    from transformers import AutoConfig
+
+    from medcomp.pruning import levels_for_depth, prunable_layers
+
+    variants = run.variants()
+    if "finetuned" not in variants:
+        raise ValueError(f"no 'finetuned' variant in {run.registry_path}: run 01_finetune first")
+    num_layers = AutoConfig.from_pretrained(variants["finetuned"].path).text_config.num_hidden_layers
+    max_removable = len(prunable_layers(num_layers, params.importance.protect_first, params.importance.protect_last))
+    levels = levels_for_depth(params.pruning.levels, num_layers, max_removable)
+    return paper_rows(variants, levels, params.quantization.quantize_then_recover)
+
+
+def relabel(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Rename this run's score columns (not the paper's) to ``label``, e.g. "proxy score"."""
+    if label == "score":
+        return frame
+    return frame.rename(columns=lambda c: c if c.startswith("paper") or "paper:" in c else c.replace("score", label))
+
+
+def case_answers(judged: dict[str, tuple[Sequence[JudgeItem], Sequence[Judgement]]], stages: dict[str, str], index: int) -> dict[str, tuple[str, int | None]]:
+    """Figure 5's panels: for each (label, variant), the variant's answer to item ``index`` and its rating."""
+    panels = {}
+    for label, name in stages.items():
+        if name in judged:
+            items, judgements = judged[name]
+            panels[f"{label} ({name})"] = (items[index].answer, judgements[index].rating)
+    return panels
+
+
+def final_ratios(rows: PaperRows, scores: dict[str, VariantScore], efficiency: pd.DataFrame | None) -> dict[str, float]:
+    """The paper's pipeline model ("Prune + SFT + Quant") against the finetuned model: memory, decode
+    latency and score, each as a ratio."""
+    final = dict(rows.table_4).get("Prune + SFT + Quant")
+    if final is None or final not in scores or rows.finetuned not in scores:
+        return {}
+    ratios = {"variant": final, "score × finetuned": scores[final].score / scores[rows.finetuned].score}
+    if efficiency is not None and final in efficiency.index:
+        ratios |= {"model MB × finetuned": float(efficiency.loc[final, "model MB × finetuned"]),
+                   "peak memory × finetuned": float(efficiency.loc[final, "peak memory × finetuned"]),
+                   "decode ms/token × finetuned": float(efficiency.loc[final, "decode × finetuned"])}
+    return ratios
+
+
+def headline_html(table_4: pd.DataFrame, verdict_table: pd.DataFrame, ratios: dict[str, Any], world: str, score_label: str) -> str:
+    """The run's index page opens with this: Table 4 in short, ours beside the paper's, and the verdicts."""
+    import html
+
+    keep = [c for c in table_4.columns if c in ("variant", "model MB (× finetuned)", "decode ms/token (× finetuned)", "paper: VRAM (GB)",
+                                                "paper: latency (ms/token)") or "score" in c]
+    caution = ("Embedded world: a 135M-parameter LLaVA on synthetic images, judged by the offline proxy judge. These are an honest "
+               "small model's results, not the paper's; compare directions and ratios, not numbers."
+               if world == "embedded" else f"Scores: {score_label}.")
+    final = ""
+    if ratios:
+        parts = [f"{k} <b>{v:.2f}</b>" for k, v in ratios.items() if k != "variant"]
+        final = f"<p>The pipeline model <code>{html.escape(ratios['variant'])}</code> against the finetuned model: {', '.join(parts)}.</p>"
+    return (f'<div class="headline"><h2>Headline</h2><p><b>{html.escape(caution)}</b></p>{final}'
+            f"<h3>Table 4 in short</h3>{table_4[keep].to_html(escape=True)}"
+            f"<h3>The paper's claims on this run</h3>{verdict_table.to_html(escape=True)}</div>")

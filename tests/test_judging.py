@@ -300,3 +300,88 @@ def test_the_pareto_front_keeps_what_nothing_beats_on_both():
 
     points = pd.DataFrame({"memory": [10, 5, 5, 2, 8], "score": [80, 70, 60, 30, 50]}, index=list("abcde"))
     assert list(scoring.pareto_front(points, "memory", "score")) == ["a", "b", "d"]
+
+
+# ------------------------------------------------------------------------------------------ the run's tables
+
+
+class CountingJudge:
+    identity, concurrency = "counting", 2
+
+    def __init__(self):
+        self.asked = 0
+
+    def complete(self, messages):
+        self.asked += 1
+        return '{"Evaluation": "ok", "Rating": 2}'
+
+
+def test_answers_are_judged_in_one_pass_each_distinct_answer_once_and_grouped_back(tmp_path):
+    rows = [{"image": f"/x/{i}.png", "disease": "melanoma", "question_kind": "name", "question": "What is the name of this disease?",
+             "answer": "This is melanoma.", "reference": "This is melanoma."} for i in range(3)]
+    judge, cache = CountingJudge(), JudgementCache(tmp_path / "c.jsonl")
+    judged = judging.judge_answers(judge, {"a": rows, "b": rows}, cache, progress=False)
+    assert judge.asked == 1  # six answers, one distinct (question, answer, reference)
+    assert [len(judged[v][1]) for v in ("a", "b")] == [3, 3] and all(j.rating == 2 for j in judged["b"][1])
+    cache.put("another-judge", judged["a"][0][0], judging.Judgement("valid", 4))
+    others = judging.other_judges(cache, "counting", judged["a"][0] + judged["b"][0])
+    assert set(others) == {"another-judge"} and set(others["another-judge"].values()) == {4}
+    assert len(others["another-judge"]) == 6  # the same answer to the same question, in both variants
+
+
+def _registry():
+    from medcomp.runs import Variant
+
+    v = lambda name, stage, parent=None, layers=(), bits=16, **extra: Variant(name, stage, f"/m/{name}", parent, layers, bits, 100, "", extra)  # noqa: E731
+    variants = [v("finetuned", "01_finetune", adapter="a", sft_base="b"),
+                v("pruned-2", "03_prune", "finetuned", (3, 4)), v("pruned-7", "03_prune", "finetuned", tuple(range(3, 10))),
+                v("pruned-8", "03_prune", "finetuned", tuple(range(3, 11))), v("pruned-7-magnitude", "03_prune", "finetuned", tuple(range(10, 17))),
+                v("recovered-7", "04_sft_pruned", "pruned-7", fraction=7 / 32, adapter="a", sft_base="b"),
+                v("recovered-8", "04_sft_pruned", "pruned-8", fraction=9 / 32, adapter="a", sft_base="b"),
+                v("recovered-7-magnitude", "04_sft_pruned", "pruned-7-magnitude", fraction=None)]
+    variants += [v(f"{source}-{m}", "05_quantize", source, bits=4, format=m) for source, methods in
+                 [("finetuned", "awq bnb qlora"), ("pruned-7", "awq"), ("recovered-7", "awq bnb rtn qlora"), ("recovered-8", "awq bnb"),
+                  ("recovered-7-magnitude", "awq")] for m in methods.split()]
+    return {x.name: x for x in variants}
+
+
+def test_every_paper_row_finds_its_variant():
+    variants = _registry()
+    rows = scoring.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
+    assert rows.table_1 == ((0, "finetuned"), (2, "pruned-2"), (7, "pruned-7"), (9, "pruned-8"))
+    assert rows.table_2[0] == ("Pruned LLaVA (5.6 B)", "pruned-7", "recovered-7")
+    assert rows.table_2[1] == ("Pruned LLaVA (5.2 B)", "pruned-8", "recovered-8")
+    assert rows.table_2[2][0] == "magnitude baseline (Table 5)"
+    assert rows.table_3 == (("Base LLaVA (7B)", "finetuned"), ("Pruned LLaVA (5.6B)", "recovered-7"), ("Pruned LLaVA (5.2B)", "recovered-8"))
+    assert dict(rows.table_4) == {"Original LLaVA": "finetuned", "Pruning Only": "pruned-7", "Pruning and SFT": "recovered-7",
+                                  "Quantization Only": "finetuned-awq", "Prune + Quant": "pruned-7-awq", "Prune + SFT + Quant": "recovered-7-awq",
+                                  "QLoRA deployment: nf4 base + unmerged adapter (ours)": "finetuned-qlora",
+                                  "Prune + SFT, QLoRA deployment (ours)": "recovered-7-qlora"}
+    assert dict(rows.table_5) == {"Full pipeline (ours)": "recovered-7-awq", "Bitsandbytes quantization": "recovered-7-bnb",
+                                  "Pruning Based on Magnitude Baseline": "recovered-7-magnitude-awq", "Round to neighbour Quantization": "recovered-7-rtn"}
+
+
+def test_scored_tables_put_the_paper_beside_and_the_verdicts_follow_the_intervals():
+    from medcomp import paper
+
+    variants = _registry()
+    rows = scoring.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
+    keys = [f"k{i}" for i in range(117)]
+    level = {"finetuned": 4, "recovered-7-awq": 3, "pruned-7-awq": 1, "recovered-7-bnb": 3, "pruned-8": 1, "recovered-7": 3, "pruned-7": 2}
+    scores = {name: scoring.VariantScore(name, {k: level.get(name, 2) for k in keys}, 0, 0, {}) for name in variants}
+    table5 = scoring.scored_table_5(rows, scores, paper.TABLE_5)
+    assert table5.loc["Full pipeline (ours)", "paper: score"] == 54.25
+    assert table5.loc["Full pipeline (ours)", "ours − paper"] == round(75 - 54.25, 1)
+    table4 = scoring.scored_table_4(rows, scores, paper.TABLE_4)
+    assert table4.loc["Prune + Quant", "score [95% CI]"].startswith("25.0") and table4.loc["Original LLaVA", "paper: score"] == 80.12
+    assert scoring.scored_table_1(rows, scores, paper.TABLE_1, variants).loc["pruned-8", "paper: score"] == 36.25
+    assert scoring.scored_table_2(rows, scores, paper.TABLE_2).loc["Pruned LLaVA (5.6 B)", "after: paper: score"] == 74.25
+    assert "BNB: score [95% CI]" in scoring.scored_table_3(rows, scores, paper.TABLE_3).columns
+    verdicts = scoring.verdicts(scoring.paper_claims(rows, variants), scores)
+    by_claim = {claim.split(" (")[0].split(":")[0]: v for claim, v in verdicts["verdict"].items()}
+    assert by_claim["pruning degrades with depth"] == "holds"
+    assert by_claim["the full pipeline beats prune + quantize without SFT"] == "holds"
+    assert by_claim["AWQ beats bitsandbytes after pruning and SFT"] == "within noise"  # identical ratings: a zero-width interval at 0
+    assert by_claim["the similarity ranking beats the magnitude ranking"] == "holds"
+    headline = scoring.headline_html(scoring.relabel(table4, "proxy score"), verdicts, scoring.final_ratios(rows, scores, None), "embedded", "proxy score")
+    assert "proxy score" in headline and "not the paper" in headline and "holds" in headline and "80.12" in headline
