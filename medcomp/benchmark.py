@@ -4,8 +4,8 @@
 CPU, two figures reported apart: the bytes of the model's tensors as stored (4-bit weights packed,
 with their scales), and the peak resident memory (RSS) the variant adds while it generates. Both
 "added" figures are measured from the process's level just before the variant was loaded, so they
-hold with other variants resident too: ``(after warm-up − before load) + (peak during a generation −
-just before it)``.
+hold with other variants resident too: resident = after warm-up − before load; peak = the highest
+reading during the first (warm-up) generation − before load.
 
 **Latency.** Greedy decoding of one fixed test image + question with exactly ``new_tokens`` new
 tokens (end-of-turn suppressed), after warm-up, median of ``repeats`` runs, at
@@ -219,7 +219,8 @@ class Measurement:
 
 
 def _measure_setup(variant, processor, example, settings, device, probe, load) -> tuple[Any, Measurement, dict[str, torch.Tensor], StepClock]:
-    """Load, warm up, measure memory and the time split of one variant; it stays loaded."""
+    """Load, warm up (the first warm-up under the memory probe), split a decode step's time; the
+    variant stays loaded."""
     from medcomp.quantization import decoder_bytes
 
     _trim_heap()
@@ -229,13 +230,14 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     load_seconds = time.perf_counter() - started
     inputs = model_inputs(processor, example, model.dtype, device)
     clock = StepClock(probe.cuda)
-    for _ in range(settings.warmup):
+    # The first (warm-up) generation runs under the memory probe: its first-call allocations are part
+    # of what serving the variant costs. Its timing is never used.
+    with probe.peak() as peak:
+        decode(model, inputs, settings.new_tokens, clock)
+    for _ in range(settings.warmup - 1):
         decode(model, inputs, settings.new_tokens, clock)
     _trim_heap()
     resident = probe.now() - before
-    idle = probe.now()
-    with probe.peak() as peak:
-        decode(model, inputs, settings.new_tokens, clock)
     split = TimeSplit(model, clock)
     try:
         decode(model, inputs, settings.new_tokens, clock)
@@ -247,7 +249,7 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     split_ms["rest"] = hooked_ms - sum(split_ms.values())
     measurement = Measurement(variant.name, variant.stage, variant.parameters, variant.bits, len(decoder_layers(model)), tensor_bytes(model),
                               decoder_bytes(model),
-                              weight_bytes_per_token(model), resident, resident + max(0, peak["peak"] - idle), load_seconds,
+                              weight_bytes_per_token(model), resident, max(resident, peak["peak"] - before), load_seconds,
                               split_ms=split_ms, memory_kind="allocated CUDA memory" if probe.cuda else "RSS")
     return model, measurement, inputs, clock
 

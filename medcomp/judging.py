@@ -317,8 +317,10 @@ class ProxyJudge:
 
         if not items:
             return []
-        answers = embed(self._model, [item.answer for item in items])
-        references = embed(self._model, [item.reference for item in items])
+        texts = list(dict.fromkeys([item.answer for item in items] + [item.reference for item in items]))  # each distinct text once
+        row = {text: index for index, text in enumerate(texts)}
+        vectors = embed(self._model, texts)
+        answers, references = vectors[[row[i.answer] for i in items]], vectors[[row[i.reference] for i in items]]
         similarities = (answers * references).sum(dim=1).tolist()
         t = self.thresholds
         judgements = []

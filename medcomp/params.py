@@ -219,8 +219,8 @@ class BenchmarkParams(Strict):
     prefill (the prompt with its image, to the first token) is reported apart from decode.
     """
 
-    new_tokens: int = Field(24, ge=2, le=1024, description="tokens forced per timed run")
-    warmup: int = Field(1, ge=0, le=20)
+    new_tokens: int = Field(16, ge=2, le=1024, description="tokens forced per timed run")
+    warmup: int = Field(1, ge=1, le=20, description="untimed runs first; the first one is the memory measurement")
     repeats: int = Field(3, ge=1, le=50, description="timed runs per variant; the median is reported")
     example_index: int = Field(1, ge=0, description="the test item timed (default: the first image's features question)")
     resident: Literal["all", "one"] = Field("all", description="'all': every variant loaded at once, runs interleaved round by round; "

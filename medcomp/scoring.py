@@ -236,7 +236,7 @@ def scored_table_3(rows: PaperRows, scores: dict[str, VariantScore], paper_table
                 continue
             _paper_beside(row, scores.get(name), None if paper is None or column is None else float(paper[column]), method.upper() + ":")
         table.append(row)
-    return pd.DataFrame(table).set_index("model")
+    return pd.DataFrame(table).set_index("model").fillna("—")
 
 
 def scored_table_4(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame,

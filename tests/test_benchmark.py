@@ -64,7 +64,7 @@ def test_every_variant_is_measured_interleaved_and_a_4_bit_one_is_smaller(tiny_e
 
 def test_one_resident_variant_at_a_time_gives_the_same_kind_of_record(tiny_embedded_model, example):
     full = Variant("finetuned", "01_finetune", str(tiny_embedded_model), parameters=1, bits=32)
-    settings = BenchmarkParams(new_tokens=4, warmup=0, repeats=2, resident="one")
+    settings = BenchmarkParams(new_tokens=4, warmup=1, repeats=2, resident="one")
     [m] = benchmark.benchmark_variants([full], load_processor(str(tiny_embedded_model)), example, settings, "cpu", 1,
                                        load=lambda v: load_llava(v.path), progress=False)
     assert len(m.decode_ms) == 2 and m.bytes_per_token > 0

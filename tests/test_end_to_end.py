@@ -28,6 +28,7 @@ MINIMAL = {
     # every path once: AWQ (the slowest, about 4 s a layer here) on one model only
     "quantization": {"calibration_size": 2, "finetuned": ["bnb"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [], "recovered_magnitude": [],
                      "quantize_then_recover": ["awq"]},
+    "benchmark": {"new_tokens": 4, "warmup": 1, "repeats": 2},
 }
 
 
@@ -86,12 +87,26 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
         assert noise not in quantize_report, f"library noise in the report: {noise}"
     for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft"):
         assert run.variant(variant).bits == 4 and len(run.answers(variant)) == 8 * 3, variant
+    benchmark_report = (run_dir / "06_benchmark.html").read_text()
+    for text in ("Table 4, efficiency columns", "decode ms/token", "Where a decoded token", "What a T4 would be bound by", "paper: VRAM GB"):
+        assert text in benchmark_report, text
+    measured = json.loads((run_dir / "stages" / "06_benchmark" / "benchmark.json").read_text())["measurements"]
+    assert {m["variant"] for m in measured} == set(run.variants()) and all(len(m["decode_ms"]) == 2 for m in measured)
+    judge_report = (run_dir / "07_judge.html").read_text()
+    for text in ("Proxy scores", "Table 1 · pruning levels", "Table 2", "Table 3", "Table 4 · overall", "Table 5", "Figure 5",
+                 "Pareto front", "The paper&#39;s claims on this run", "paper: score", "95% CI"):
+        assert text in judge_report, text
+    assert any(verdict in judge_report for verdict in ("holds", "within noise", "does not hold"))
+    judgements = (run_dir / "stages" / "07_judge" / "judgements.jsonl").read_text().splitlines()
+    assert judgements and all(json.loads(line)["judge"].startswith("proxy:") for line in judgements)
+    index = (run_dir / "index.html").read_text()
+    assert index.index("Headline") < index.index("<h2>Notebooks</h2>") and "Table 4 in short" in index and "proxy score" in index
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
     assert "OPENAI_API_KEY" not in report and "api_key" not in json.dumps(manifest).lower()
 
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
-    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 5
+    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
 
 
 def test_real_scale_path_on_a_llava15_shaped_standin(tmp_path, cache, tiny_llava15_standin, synthetic_root):
