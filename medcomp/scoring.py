@@ -385,3 +385,14 @@ def headline_html(table_4: pd.DataFrame, verdict_table: pd.DataFrame, ratios: di
     return (f'<div class="headline"><h2>Headline</h2><p><b>{html.escape(caution)}</b></p>{final}'
             f"<h3>Table 4 in short</h3>{table_4[keep].to_html(escape=True)}"
             f"<h3>The paper's claims on this run</h3>{verdict_table.to_html(escape=True)}</div>")
+
+
+def scores_by_question(judged: dict[str, tuple[Sequence[JudgeItem], Sequence[Judgement]]]) -> pd.DataFrame:
+    """Score per variant and question kind (the disease's name, its features, its treatment): which
+    kind of answer a compression step costs."""
+    rows: dict[str, dict[str, list[int]]] = {}
+    for name, (items, judgements) in judged.items():
+        for item, judgement in zip(items, judgements):
+            if judgement.status == "valid" and judgement.rating is not None:
+                rows.setdefault(name, {}).setdefault(item.question_kind, []).append(judgement.rating)
+    return pd.DataFrame({name: {kind: round(score(ratings), 1) for kind, ratings in kinds.items()} for name, kinds in rows.items()}).T

@@ -385,3 +385,10 @@ def test_scored_tables_put_the_paper_beside_and_the_verdicts_follow_the_interval
     assert by_claim["the similarity ranking beats the magnitude ranking"] == "holds"
     headline = scoring.headline_html(scoring.relabel(table4, "proxy score"), verdicts, scoring.final_ratios(rows, scores, None), "embedded", "proxy score")
     assert "proxy score" in headline and "not the paper" in headline and "holds" in headline and "80.12" in headline
+
+
+def test_scores_by_question_kind():
+    items = [JudgeItem("v", f"k{i}", "q", "a", "r", "melanoma", kind) for i, kind in enumerate(["name", "name", "features"])]
+    judgements = [judging.Judgement("valid", 4), judging.Judgement("valid", 2), judging.Judgement("invalid", None)]
+    table = scoring.scores_by_question({"v": (items, judgements)})
+    assert table.loc["v", "name"] == 75.0 and "features" not in table.columns

@@ -61,3 +61,17 @@ def test_stage_reuse_is_never_stale(tmp_path, monkeypatch):
     assert run() == [("ok", "its params changed")] * 2
     index = (run_dir / "index.html").read_text()
     assert index.count("its params changed") == 2
+
+
+def test_the_index_opens_with_the_headline_a_stage_wrote(tmp_path):
+    from medcomp import runner
+    from medcomp.params import load_params
+    from medcomp.runs import Run
+
+    run = Run(tmp_path / "run")
+    run.write_headline("07_judge", "<div class='headline'><h2>Headline</h2><p>Table 4 in short</p></div>")
+    outcomes = [runner.StageOutcome("06_benchmark", "ok", 1.0, "06_benchmark.html"), runner.StageOutcome("07_judge", "reused", 2.0, "07_judge.html")]
+    index = runner.write_index(run.directory, load_params("embedded"), outcomes).read_text()
+    assert index.index("Table 4 in short") < index.index("<h2>Notebooks</h2>") < index.index("06_benchmark.html")
+    failed = [runner.StageOutcome("07_judge", "not run", 0.0, None)]
+    assert "Table 4 in short" not in runner.write_index(run.directory, load_params("embedded"), failed).read_text()
