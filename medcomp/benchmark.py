@@ -1,11 +1,13 @@
 """06_benchmark: parameters, bit width, memory and latency of every variant, measured alike.
 
 **Memory.** On CUDA, the paper's "VRAM": peak allocated GPU memory while the variant generates. On the
-CPU, two figures reported apart: the bytes of the model's tensors as stored (4-bit weights packed,
-with their scales), and the peak resident memory (RSS) the variant adds while it generates. Both
-"added" figures are measured from the process's level just before the variant was loaded, so they
-hold with other variants resident too: resident = after warm-up − before load; peak = the highest
-reading during the first (warm-up) generation − before load.
+CPU, reported apart: the bytes of the model's tensors as stored (4-bit weights packed, with their
+scales), and the resident memory (RSS) the variant adds: after warm-up, at the peak of its first
+generation (one-time work such as a kernel repacking its weights on first use), and at the peak of a
+later generation (what serving it costs). Each is measured from the process's level just before the
+variant was loaded, so it holds with other variants resident too. RSS counts the pages of memory-mapped
+checkpoint files a variant touched (safetensors are mapped, not copied); that share is reported too,
+as the OS can drop those pages under pressure.
 
 **Latency.** Greedy decoding of one fixed test image + question with exactly ``new_tokens`` new
 tokens (end-of-turn suppressed), after warm-up, median of ``repeats`` runs, at
@@ -67,6 +69,10 @@ class MemoryProbe:
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
         return self._process.memory_info().rss
+
+    def file_backed(self) -> int:
+        """Resident pages of mapped files (Linux ``RssFile + RssShmem``); 0 on CUDA."""
+        return 0 if self.cuda else getattr(self._process.memory_info(), "shared", 0)
 
     @contextmanager
     def peak(self, interval: float = 0.002) -> Iterator[dict[str, int]]:
@@ -210,8 +216,10 @@ class Measurement:
     decoder_bytes: int
     bytes_per_token: int
     resident_bytes: int  # added by loading and warming up the variant
-    generation_peak_bytes: int  # resident + the peak a generation adds on top
+    generation_peak_bytes: int  # peak of a later (steady-state) generation, above the level before loading
     load_seconds: float
+    first_generation_peak_bytes: int = 0  # peak of the first generation (one-time work included)
+    resident_file_bytes: int = 0  # of resident_bytes, pages of memory-mapped files
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)
     split_ms: dict[str, float] = field(default_factory=dict)  # per decode token, from the hooked run
@@ -224,7 +232,7 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     from medcomp.quantization import decoder_bytes
 
     _trim_heap()
-    before = probe.now()
+    before, before_files = probe.now(), probe.file_backed()
     started = time.perf_counter()
     model = load(variant)
     load_seconds = time.perf_counter() - started
@@ -232,15 +240,16 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     clock = StepClock(probe.cuda)
     # The first (warm-up) generation runs under the memory probe: its first-call allocations are part
     # of what serving the variant costs. Its timing is never used.
-    with probe.peak() as peak:
+    with probe.peak() as first:
         decode(model, inputs, settings.new_tokens, clock)
     for _ in range(settings.warmup - 1):
         decode(model, inputs, settings.new_tokens, clock)
     _trim_heap()
-    resident = probe.now() - before
+    resident, resident_files = probe.now() - before, probe.file_backed() - before_files
     split = TimeSplit(model, clock)
-    try:
-        decode(model, inputs, settings.new_tokens, clock)
+    try:  # the hooked run doubles as the steady-state memory probe (sampled coarsely, not to disturb the split)
+        with probe.peak(interval=0.01) as steady:
+            decode(model, inputs, settings.new_tokens, clock)
     finally:
         split.remove()
     steps = len(clock.times) - 1
@@ -249,7 +258,8 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     split_ms["rest"] = hooked_ms - sum(split_ms.values())
     measurement = Measurement(variant.name, variant.stage, variant.parameters, variant.bits, len(decoder_layers(model)), tensor_bytes(model),
                               decoder_bytes(model),
-                              weight_bytes_per_token(model), resident, max(resident, peak["peak"] - before), load_seconds,
+                              weight_bytes_per_token(model), resident, max(resident, steady["peak"] - before), load_seconds,
+                              first_generation_peak_bytes=max(resident, first["peak"] - before), resident_file_bytes=resident_files,
                               split_ms=split_ms, memory_kind="allocated CUDA memory" if probe.cuda else "RSS")
     return model, measurement, inputs, clock
 
@@ -322,7 +332,9 @@ def efficiency_table(measurements: Sequence[Measurement], reference: str = "fine
         decode_ms, prefill_ms = statistics.median(m.decode_ms), statistics.median(m.prefill_ms)
         rows.append({"variant": m.variant, "stage": m.stage, "parameters (M)": round((m.parameters or 0) / 1e6, 1), "bits": m.bits,
                      "layers": m.layers, "model MB": m.model_bytes / 1e6, "decoder MB": m.decoder_bytes / 1e6,
-                     "resident MB": m.resident_bytes / 1e6, "peak memory during generation MB": m.generation_peak_bytes / 1e6,
+                     "resident MB": m.resident_bytes / 1e6, "of which mapped files MB": m.resident_file_bytes / 1e6,
+                     "first generation peak MB": m.first_generation_peak_bytes / 1e6,
+                     "peak memory during generation MB": m.generation_peak_bytes / 1e6,
                      "prefill ms": prefill_ms, "decode ms/token": decode_ms,
                      "decode spread ms": max(m.decode_ms) - min(m.decode_ms),
                      "layers ms/token": m.split_ms.get("decoder layers"),

@@ -54,7 +54,7 @@ def test_every_variant_is_measured_interleaved_and_a_4_bit_one_is_smaller(tiny_e
     assert [m.variant for m in measurements] == ["finetuned", "finetuned-bnb"]
     for m in measurements:
         assert len(m.decode_ms) == 3 and len(m.prefill_ms) == 3 and min(m.decode_ms) > 0
-        assert m.generation_peak_bytes >= m.resident_bytes
+        assert m.generation_peak_bytes >= m.resident_bytes and m.first_generation_peak_bytes >= m.resident_bytes
         assert set(m.split_ms) == {"decoder layers", "lm_head", "rest"}
     assert measurements[1].decoder_bytes < measurements[0].decoder_bytes / 3
     table = benchmark.efficiency_table(measurements)
