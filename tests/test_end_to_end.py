@@ -38,8 +38,11 @@ def write_params(path: Path, preset: str, overrides: dict) -> Path:
     return path
 
 
+SECRET = "sk-e2e-never-written-0123456789"  # a key in the environment, as a user running the openai judge has one
+
+
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDCOMP_CACHE": str(cache)}
+    env = {**os.environ, "MEDCOMP_CACHE": str(cache), "OPENAI_API_KEY": SECRET}
     return subprocess.run([sys.executable, "-m", "medcomp", *args], capture_output=True, text=True, env=env, timeout=1800)
 
 
@@ -103,7 +106,9 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert index.index("Headline") < index.index("<h2>Notebooks</h2>") and "Table 4 in short" in index and "proxy score" in index
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["params"]["run_name"] == "e2e" and manifest["packages"]["peft"]
-    assert "OPENAI_API_KEY" not in report and "api_key" not in json.dumps(manifest).lower()
+    for written in run_dir.rglob("*"):  # reports, executed notebooks, manifest, registry, judgement cache, logs
+        if written.is_file() and written.suffix in {".html", ".ipynb", ".json", ".jsonl", ".txt", ".log", ".md"}:
+            assert SECRET not in written.read_text(errors="ignore"), f"the API key leaked into {written}"
 
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
     assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
