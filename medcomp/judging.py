@@ -299,7 +299,9 @@ class ProxyJudge:
       asked about (follow-ups) is rated 1: wrong, whatever it says;
     - to the name question, the right disease named is 3, and 4 when the answer is also close to the
       reference (similarity >= ``excellent``); no disease named is 1;
-    - to a follow-up: 4, 3, 2 from the similarity thresholds ``excellent``, ``helpful``, ``partial``, else 1.
+    - to a follow-up: 4, 3, 2 from the similarity thresholds ``excellent``, ``helpful``, ``partial``, else 1,
+      with every disease name masked on both sides first: references open with the disease's name, and
+      unmasked, "Actinic keratosis is a precancéepart." scored as close to the reference as a real answer.
     """
 
     concurrency = 1
@@ -309,7 +311,7 @@ class ProxyJudge:
 
         self._model = load_sentence_model(sentence_model)
         self.thresholds = thresholds
-        self.identity = f"proxy:v1:{sentence_model}|{asdict(thresholds)}"
+        self.identity = f"proxy:v2:{sentence_model}|{asdict(thresholds)}"
 
     def rate_many(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         from medcomp.evaluation import named_disease
@@ -317,10 +319,12 @@ class ProxyJudge:
 
         if not items:
             return []
-        texts = list(dict.fromkeys([item.answer for item in items] + [item.reference for item in items]))  # each distinct text once
+        shown = [(item.answer, item.reference) if item.question_kind == "name" else (mask_disease_names(item.answer), mask_disease_names(item.reference))
+                 for item in items]
+        texts = list(dict.fromkeys([text for pair in shown for text in pair]))  # each distinct text once
         row = {text: index for index, text in enumerate(texts)}
         vectors = embed(self._model, texts)
-        answers, references = vectors[[row[i.answer] for i in items]], vectors[[row[i.reference] for i in items]]
+        answers, references = vectors[[row[a] for a, _ in shown]], vectors[[row[r] for _, r in shown]]
         similarities = (answers * references).sum(dim=1).tolist()
         t = self.thresholds
         judgements = []
@@ -335,6 +339,15 @@ class ProxyJudge:
                 why = "similarity to the reference"
             judgements.append(Judgement("valid", rating, f"proxy: {why}; similarity {similarity:.3f}"))
         return judgements
+
+
+def mask_disease_names(text: str) -> str:
+    """``text`` with every disease name and alias replaced by "this condition"."""
+    from medcomp.evaluation import _ALIASES
+
+    for _, pattern in sorted(_ALIASES, key=lambda alias: -len(alias[1].pattern)):  # "atopic dermatitis" before "dermatitis"
+        text = pattern.sub("this condition", text)
+    return text
 
 
 def build_judge(settings, device: str = "cpu"):

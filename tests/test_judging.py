@@ -244,9 +244,14 @@ def test_the_proxy_rates_the_disease_named_and_the_closeness_to_the_reference():
         JudgeItem("v", "e|treatment", "How is rosacea treated?", "Psoriasis is treated with light therapy.", rosacea, "rosacea", "treatment"),
         JudgeItem("v", "f|treatment", "How is rosacea treated?", "The weather is sunny today.", rosacea, "rosacea", "treatment"),
     ]
+    items.append(JudgeItem("v", "g|features", "What are the clinical features of actinic keratosis?", "Actinic keratosis is a precancéepart.",
+                           "Actinic keratosis is a precancerous lesion of sun-damaged skin: a rough, dry, scaly pink or tan patch on the face, "
+                           "scalp or hands that may progress to squamous cell carcinoma.", "actinic-keratosis", "features"))
     ratings = [j.rating for j in judge.rate_many(items)]
     assert ratings[0] == 4 and ratings[1] == 1 and ratings[2] == 1
     assert ratings[3] == 4 and ratings[4] == 1 and ratings[5] <= 2
+    assert ratings[6] <= 2  # the disease's name alone earns nothing: names are masked before comparing
+    assert judging.mask_disease_names("Eczema, or atopic dermatitis, is not melanoma.") == "this condition, or this condition, is not this condition."
     assert judge.rate_many(items) == judge.rate_many(items)  # deterministic
 
 
