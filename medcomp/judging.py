@@ -465,7 +465,3 @@ def other_judges(cache: JudgementCache, identity: str, items: Sequence[JudgeItem
             found[other] = ratings
     return found
 
-
-def cached_judgements(cache: JudgementCache, identity: str, items: Sequence[JudgeItem]) -> list[Judgement | None]:
-    """What ``identity`` already judged of ``items`` (None where it did not), without judging anything."""
-    return [cache.get(identity, item) for item in items]

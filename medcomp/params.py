@@ -6,7 +6,6 @@ A params file chooses the world (model, data, judge); the code path is the same 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 

@@ -141,17 +141,23 @@ def prune_one_block_workflow(num_layers: int, cases: Sequence[dict[str, Any]], q
     return figure
 
 
-def answers_at_levels(image_path: str, question: str, answers: dict[str, str], title: str = "Figure B2 · one question at every pruning level"):
-    """The paper's Figure B2: one image and question, answered by each pruning level."""
+def _image_beside_question(image_path: str, question: str, height: float):
+    """A figure with the case's image on the left and a text panel, headed by the question, on the right."""
     from PIL import Image
 
-    figure = plt.figure(figsize=(11, 1.2 + 0.9 * len(answers)))
+    figure = plt.figure(figsize=(11, height))
     image_axes = figure.add_axes([0.01, 0.55, 0.14, 0.4])
     image_axes.imshow(Image.open(image_path))
     image_axes.axis("off")
     text_axes = figure.add_axes([0.17, 0.0, 0.82, 1.0])
     text_axes.axis("off")
     text_axes.text(0, 0.97, f"Q: {question}", fontsize=9, style="italic", va="top")
+    return figure, text_axes
+
+
+def answers_at_levels(image_path: str, question: str, answers: dict[str, str], title: str = "Figure B2 · one question at every pruning level"):
+    """The paper's Figure B2: one image and question, answered by each pruning level."""
+    figure, text_axes = _image_beside_question(image_path, question, 1.2 + 0.9 * len(answers))
     step = 0.9 / max(1, len(answers))
     for row, (level, answer) in enumerate(answers.items()):
         text_axes.text(0, 0.9 - row * step, f"{level}:", fontsize=9, weight="bold", va="top")
@@ -275,20 +281,12 @@ def score_vs_memory(points: pd.DataFrame, front: Sequence[str], memory: str = "m
 def case_study(image_path: str, question: str, reference: str, answers: dict[str, tuple[str, int | None]],
                title: str = "Figure 5 · one case across compression stages"):
     """The paper's Figure 5: one image and question, the reference, and each stage's answer with its rating."""
-    from PIL import Image
-
-    figure = plt.figure(figsize=(11, 2.0 + 1.1 * len(answers)))
-    image_axes = figure.add_axes([0.01, 0.55, 0.14, 0.4])
-    image_axes.imshow(Image.open(image_path))
-    image_axes.axis("off")
-    text_axes = figure.add_axes([0.17, 0.0, 0.82, 1.0])
-    text_axes.axis("off")
-    text_axes.text(0, 0.97, f"Q: {question}", fontsize=9, style="italic", va="top")
+    figure, text_axes = _image_beside_question(image_path, question, 2.0 + 1.1 * len(answers))
     text_axes.text(0, 0.89, "Reference: " + _wrap(reference, 110, 2), fontsize=8, va="top", color="tab:green")
     step = 0.75 / max(1, len(answers))
     for row, (stage, (answer, rating)) in enumerate(answers.items()):
         y = 0.75 - row * step
         text_axes.text(0, y, f"{stage}\nrating {rating if rating is not None else '—'}/4", fontsize=8, weight="bold", va="top")
-        text_axes.text(0.25, y, _wrap(answer, 95, 3), fontsize=8, va="top")
+        text_axes.text(0.33, y, _wrap(answer, 85, 3), fontsize=8, va="top")
     figure.suptitle(title, x=0.5, y=1.02)
     return figure

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from medcomp.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from medcomp.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from medcomp.params import REPO_ROOT, Params
 
 REPORTS_DIR = REPO_ROOT / "reports"
@@ -123,8 +123,6 @@ class Run:
 
     def write_headline(self, stage: str, html_fragment: str) -> None:
         """An HTML fragment the run's index page shows above its list of notebooks."""
-        from medcomp.files import atomic_write_text
-
         atomic_write_text(self.stage_dir(stage) / "headline.html", html_fragment)
 
     def headline(self, stage: str) -> str:

@@ -15,6 +15,7 @@ and is *within noise* when it contains 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -104,11 +105,11 @@ class VariantScore:
     samples: int = 2000
     seed: int = 0
 
-    @property
+    @cached_property
     def score(self) -> float:
         return score(list(self.ratings.values()))
 
-    @property
+    @cached_property
     def ci(self) -> tuple[float, float]:
         return bootstrap_ci(list(self.ratings.values()), self.samples, self.seed)
 
