@@ -1,7 +1,8 @@
 """medcomp: prune, finetune and quantize LLaVA for dermatology VQA (arXiv 2507.21976), reproducibly.
 
-One module per concept: ``params``, ``knowledge``, ``data``, ``synthetic``, ``models``, ``training``,
-``evaluation``, ``plotting``, ``runs`` and ``runner``. Notebooks in ``notebooks/`` call into them.
+One module per job, in layers that import only downward (the contract is in ``pyproject.toml``; the
+README's "Layout" lists the modules). Notebooks in ``notebooks/`` call ``medcomp.notebook.open_stage``,
+then the stage's orchestration in ``medcomp.stages`` and the algorithms below it.
 """
 
 import logging

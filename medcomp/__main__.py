@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bootstrap":
             from medcomp.data import prepare_dataset
-            from medcomp.models import prepare_model_source
-
-            from medcomp.runs import quiet_libraries
+            from medcomp.embedded import prepare_model_source
+            from medcomp.notebook import quiet_libraries
 
             params = load_params(args.params)
             quiet_libraries()

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from medcomp.data import VQAExample, load_rgb
 from medcomp.files import atomic_write_json
-from medcomp.models import decoder_layers, tensor_bytes
+from medcomp.loading import decoder_bytes, decoder_layers, load_variant, tensor_bytes
 
 RESULTS = "benchmark.json"
 
@@ -229,8 +229,6 @@ class Measurement:
 def _measure_setup(variant, processor, example, settings, device, probe, load) -> tuple[Any, Measurement, dict[str, torch.Tensor], StepClock]:
     """Load, warm up (the first warm-up under the memory probe), split a decode step's time; the
     variant stays loaded."""
-    from medcomp.quantization import decoder_bytes
-
     _trim_heap()
     before, before_files = probe.now(), probe.file_backed()
     started = time.perf_counter()
@@ -267,9 +265,7 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
 def benchmark_variants(variants: Sequence[Any], processor, example: VQAExample, settings, device: str, threads: int,
                        load=None, progress: bool = True) -> list[Measurement]:
     """Measure ``variants`` (registry entries) as the module docstring says; ``load`` defaults to
-    ``quantization.load_variant``."""
-    from medcomp.quantization import load_variant
-
+    ``loading.load_variant``."""
     load = load or (lambda v: load_variant(v, "float32" if device == "cpu" else "float16", device))
     probe = MemoryProbe(device)
     previous_threads = torch.get_num_threads()
@@ -348,32 +344,6 @@ def efficiency_table(measurements: Sequence[Measurement], reference: str = "fine
                               ("decode ms/token", "decode × finetuned"), ("prefill ms", "prefill × finetuned")]:
             table[ratio] = table[column] / table.loc[reference, column]
     return table
-
-
-def table_4_efficiency(rows: Sequence[tuple[str, str]], table, paper_table):
-    """Table 4's efficiency columns: each paper method's variant on this run (``scoring.PaperRows.table_4``),
-    ours as absolute and × the original, beside the paper's latency and VRAM and their own ratios."""
-    import pandas as pd
-
-    original = paper_table.loc["Original LLaVA"]
-    out = []
-    for method, name in rows:
-        if name not in table.index:
-            continue
-        r = table.loc[name]
-        row = {"method": method, "variant": name, "parameters (M)": r["parameters (M)"], "bit width": r["bits"],
-               "model MB": f"{r['model MB']:.1f} ({r['model MB × finetuned']:.2f}×)",
-               "peak memory during generation MB": f"{r['peak memory during generation MB']:.0f} ({r['peak memory × finetuned']:.2f}×)",
-               "prefill ms": f"{r['prefill ms']:.1f} ({r['prefill × finetuned']:.2f}×)",
-               "decode ms/token": f"{r['decode ms/token']:.2f} ({r['decode × finetuned']:.2f}×)"}
-        if method in paper_table.index:
-            p = paper_table.loc[method]
-            row |= {"paper: parameters (B)": p["parameters (B)"], "paper: bit width": p["bit width"],
-                    "paper: latency ms/token": f"{p['latency (ms/token)']} ({p['latency (ms/token)'] / original['latency (ms/token)']:.2f}×)",
-                    "paper: VRAM GB": f"{p['VRAM (GB)']} ({p['VRAM (GB)'] / original['VRAM (GB)']:.2f}×)"}
-        out.append(row)
-    return pd.DataFrame(out).set_index("method")
-
 
 def paper_bandwidth_bounds(paper_table, bandwidth_gb_s: float = 320.0, group_size: int = 64):
     """What the paper's T4 latencies would be if decoding only had to read the weights once per token:

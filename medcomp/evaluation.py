@@ -75,6 +75,13 @@ def named_disease(answer: str) -> str | None:
     return min(hits)[1] if hits else None
 
 
+def mask_disease_names(text: str) -> str:
+    """``text`` with every disease name and alias replaced by "this condition"."""
+    for _, pattern in sorted(_ALIASES, key=lambda alias: -len(alias[1].pattern)):  # "atopic dermatitis" before "dermatitis"
+        text = pattern.sub("this condition", text)
+    return text
+
+
 def naming_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The answers to 'What is the name of this disease?' with the disease each one names."""
     frame = pd.DataFrame([row for row in rows if row["question_kind"] == "name"])

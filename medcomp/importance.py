@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from medcomp.data import VQAExample
 from medcomp.evaluation import generate_answers
-from medcomp.files import atomic_write_json, content_hash
-from medcomp.models import decoder_layers
+from medcomp.encoding import IGNORE_INDEX, answer_loss, teacher_forced_batches
+from medcomp.files import atomic_write_json, atomic_write_text, content_hash
+from medcomp.loading import decoder_layers
 from medcomp.pruning import without_layers
 
 # From the authors' public code: their finetuned LLaVA-1.5-7B's blocks, least important first
@@ -127,12 +128,6 @@ def magnitude_scores(model, layers: Sequence[int]) -> pd.Series:
         return pd.Series({i: float(sum(p.detach().abs().sum() for p in blocks[i].parameters())) for i in layers}, name="magnitude")
 
 
-def _teacher_forced_batch(processor, examples: Sequence[VQAExample]) -> dict[str, torch.Tensor]:
-    from medcomp.training import LeftPadCollator, encode_for_training
-
-    return LeftPadCollator(processor.tokenizer.pad_token_id)([encode_for_training(processor, e) for e in examples])
-
-
 @torch.no_grad()
 def block_influence(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16,
                     batches: Sequence[dict[str, torch.Tensor]] | None = None) -> pd.Series:
@@ -140,8 +135,6 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
 
     One teacher-forced forward per batch (image, question, reference answer), hooks on every block.
     """
-    from medcomp.training import IGNORE_INDEX
-
     blocks = decoder_layers(model)
     totals = {i: 0.0 for i in layers}
     count = 0
@@ -173,17 +166,10 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
     return pd.Series({i: totals[i] / count for i in layers}, name="block_influence")
 
 
-def teacher_forced_batches(processor, calibration: Sequence[VQAExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """The calibration set tokenised with its reference answers, once for every forward-only criterion."""
-    return [_teacher_forced_batch(processor, calibration[start : start + batch_size]) for start in range(0, len(calibration), batch_size)]
-
-
 @torch.no_grad()
 def reference_perplexity(model, processor, calibration: Sequence[VQAExample], batch_size: int = 16,
                          batches: Sequence[dict[str, torch.Tensor]] | None = None) -> float:
     """exp of the mean cross-entropy over the reference answers' tokens (``batches``: pre-encoded)."""
-    from medcomp.training import IGNORE_INDEX, answer_loss
-
     total, tokens = 0.0, 0
     for batch in batches if batches is not None else teacher_forced_batches(processor, calibration, batch_size):
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -238,8 +224,6 @@ def save_rankings(directory: Path, orders: dict[str, list[int]], table: pd.DataF
     """``rankings.json`` (least important first, per criterion) and ``rankings.csv`` (scores, ranks)."""
     directory = Path(directory)
     atomic_write_json(directory / "rankings.json", {"orders": orders, **meta})
-    from medcomp.files import atomic_write_text
-
     atomic_write_text(directory / "rankings.csv", table.to_csv())
     return directory / "rankings.json"
 

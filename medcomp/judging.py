@@ -26,11 +26,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from medcomp.evaluation import mask_disease_names
 from medcomp.files import content_hash
+from medcomp.replies import ParsedReply, parse_rating
 
 # Figure A1 of the paper, as printed (its decorations removed): the system instruction and the user turn.
 JUDGE_INSTRUCTION = """You will be given a user_question and system_answer couple. Your task is to provide a 'total rating' scoring how well the system_answer answers the user concerns expressed in the user_question. You will also be given a reference_answer.
@@ -52,7 +54,6 @@ FOLLOW_UP = ('Your reply did not contain one valid rating. Reply with only the J
              '{"Evaluation": "...", "Rating": N} where N is 1, 2, 3 or 4.')
 
 PROMPT_VERSION = content_hash([JUDGE_INSTRUCTION, JUDGE_QUESTION, FOLLOW_UP], 8)
-RATINGS = (1, 2, 3, 4)
 
 
 def judge_messages(question: str, answer: str, reference: str) -> list[dict[str, str]]:
@@ -62,99 +63,6 @@ def judge_messages(question: str, answer: str, reference: str) -> list[dict[str,
 
 
 # ------------------------------------------------------------------------------------------ replies
-
-
-@dataclass(frozen=True)
-class ParsedReply:
-    rating: int | None
-    evaluation: str
-    problem: str | None  # why no rating was taken, when none was
-
-
-_RATING_KEYS = ("rating", "total rating", "total_rating", "totalrating")
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-# "Rating: 3", "**Rating**: 3", '"Rating": "3"', "Total rating = 3/4", "rating of 3"
-_RATING_TEXT = re.compile(r"""(?:total[\s_]*)?rating\W{0,4}?(?:\s*(?:[:=]|is|of))\s*["'*]*\s*(-?\d+(?:\.\d+)?)(\s*/\s*\d+)?""",
-                          re.IGNORECASE)
-
-
-def _json_objects(text: str) -> Iterable[Any]:
-    """Every JSON object in ``text``: fenced blocks first, then each balanced ``{...}`` span."""
-    spans = [match.group(1) for match in _FENCE.finditer(text)]
-    depth, start = 0, None
-    for index, char in enumerate(text):
-        if char == "{":
-            if depth == 0:
-                start = index
-            depth += 1
-        elif char == "}" and depth:
-            depth -= 1
-            if depth == 0 and start is not None:
-                spans.append(text[start : index + 1])
-    for span in spans:
-        try:
-            yield json.loads(span)
-        except (json.JSONDecodeError, ValueError):
-            continue
-
-
-def _as_rating(value: Any) -> float | None:
-    """A number from a JSON value: 3, 3.0, "3", "3/4"; None for anything else."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*4\s*)?", value)
-        return float(match.group(1)) if match else None
-    return None
-
-
-def parse_rating(reply: str | None) -> ParsedReply:
-    """The rating a judge's reply gives, if exactly one can be read from it; never a guess.
-
-    JSON (bare, fenced, or inside prose) is read first, then ``Rating: N`` written as text. Several
-    different ratings, a rating outside 1-4, a fraction (3.5), or a scale other than /4 give no rating.
-    """
-    if reply is None or not reply.strip():
-        return ParsedReply(None, "", "empty reply")
-    text = _THINKING.sub("", reply).strip()
-    found: list[float] = []
-    evaluation = ""
-    for obj in _json_objects(text):
-        if not isinstance(obj, dict):
-            continue
-        lowered = {str(k).strip().lower(): v for k, v in obj.items()}
-        for key in _RATING_KEYS:
-            if key in lowered:
-                number = _as_rating(lowered[key])
-                if number is None:
-                    return ParsedReply(None, "", f"rating {lowered[key]!r} is not a number")
-                found.append(number)
-                break
-        evaluation = evaluation or str(lowered.get("evaluation", ""))
-    if not found:
-        for match in _RATING_TEXT.finditer(text):
-            scale = match.group(2)
-            if scale and scale.replace("/", "").strip() != "4":
-                return ParsedReply(None, "", f"rating given on another scale ({match.group(0).strip()!r})")
-            found.append(float(match.group(1)))
-    if not found:
-        return ParsedReply(None, "", "no rating found")
-    distinct = sorted(set(found))
-    if len(distinct) > 1:
-        return ParsedReply(None, "", f"ambiguous: several ratings {[_tidy(v) for v in distinct]}")
-    value = distinct[0]
-    if value != int(value):
-        return ParsedReply(None, "", f"rating {_tidy(value)} is not a whole number")
-    if int(value) not in RATINGS:
-        return ParsedReply(None, "", f"rating {_tidy(value)} is outside 1-4")
-    return ParsedReply(int(value), evaluation or text, None)
-
-
-def _tidy(value: float) -> int | float:
-    return int(value) if value == int(value) else value
 
 
 # ------------------------------------------------------------------------------------------ items and judgements
@@ -262,7 +170,8 @@ class TransformersJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from medcomp.models import TORCH_DTYPES, smollm2_text_model, smollm2_tokenizer
+        from medcomp.embedded import smollm2_text_model, smollm2_tokenizer
+        from medcomp.loading import TORCH_DTYPES
 
         if model == "embedded:smollm2":
             self._model, self._tokenizer = smollm2_text_model(), smollm2_tokenizer()
@@ -307,7 +216,7 @@ class ProxyJudge:
     concurrency = 1
 
     def __init__(self, sentence_model: str = "packaged", thresholds: ProxyThresholds = ProxyThresholds()):
-        from medcomp.models import load_sentence_model
+        from medcomp.loading import load_sentence_model
 
         self._model = load_sentence_model(sentence_model)
         self.thresholds = thresholds
@@ -339,15 +248,6 @@ class ProxyJudge:
                 why = "similarity to the reference"
             judgements.append(Judgement("valid", rating, f"proxy: {why}; similarity {similarity:.3f}"))
         return judgements
-
-
-def mask_disease_names(text: str) -> str:
-    """``text`` with every disease name and alias replaced by "this condition"."""
-    from medcomp.evaluation import _ALIASES
-
-    for _, pattern in sorted(_ALIASES, key=lambda alias: -len(alias[1].pattern)):  # "atopic dermatitis" before "dermatitis"
-        text = pattern.sub("this condition", text)
-    return text
 
 
 def build_judge(settings, device: str = "cpu"):

@@ -21,7 +21,6 @@ TABLE_1 = pd.DataFrame(
     ],
     columns=["compression ratio (%)", "layers removed", "parameters (B)", "performance score", "VRAM (GB)"],
 )
-TABLE_1_LAYERS = 32
 
 # Table 2: QLoRA SFT (r=16, alpha=8) after pruning. Its "5.6B" model scores 62.50 before SFT, which
 # Table 4 lists as 5.85B ("Pruning Only", 6 layers by Table 1's per-layer count); Table 1 gives 7

@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from medcomp.data import VQAExample, load_rgb
 from medcomp.files import atomic_write_json
-from medcomp.models import PROJECTOR, load_llava, load_processor, save_with_processor
+from medcomp.loading import PROJECTOR, load_llava, load_processor, load_sentence_model, save_with_processor
+from medcomp.params import FinetuneParams
+from medcomp.training import train_modules_only
 
 STAGE1_PROMPT = "Describe the lesion."
 
@@ -154,10 +156,6 @@ def build_pretrained_embedded_llava(
     seed: int = 0,
 ) -> Path:
     """Assembled model -> vision-pretrained (cached) -> stage-1 aligned (cached) at ``output_dir``."""
-    from medcomp.models import load_sentence_model
-    from medcomp.params import FinetuneParams
-    from medcomp.training import train_modules_only
-
     images = read_captioned_images(pretraining_root)
     assert_disjoint([image.path for image in images], dataset_images)
     report: dict[str, Any] = {"pretraining images": len(images), "distinct captions": len({i.caption for i in images})}

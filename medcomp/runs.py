@@ -129,6 +129,10 @@ class Run:
         path = self.directory / "stages" / stage / "headline.html"
         return path.read_text(encoding="utf-8") if path.exists() else ""
 
+    def answer_to(self, variant: str, image: str, question: str) -> dict[str, Any]:
+        """The answer ``variant`` gave to one test item (image and question)."""
+        return next(a for a in self.answers(variant) if a["image"] == image and a["question"] == question)
+
     def summary(self, stage: str) -> dict[str, Any]:
         path = self.directory / "stages" / stage / "summary.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -192,27 +196,6 @@ def write_manifest(run_dir: Path | str, params: Params, extra: dict[str, Any] | 
         },
     )
     return path
-
-
-def quiet_libraries() -> None:
-    """Silence load/save progress bars and info logging of the Hugging Face libraries through their
-    own switches, so reports carry this run's output only; errors still show."""
-    import huggingface_hub
-    import transformers
-
-    import logging
-
-    logging.getLogger("tokenicer").setLevel(logging.WARNING)  # GPTQModel's tokenizer wrapper logs every load
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-    try:
-        import datasets
-
-        datasets.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-
 
 def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:
     """What every notebook does first: validate params, seed everything, set threads, open the run.

@@ -1,145 +1,28 @@
 """QLoRA supervised finetuning of a LLaVA on VQA conversations (paper sections 3.1 and 3.3).
 
-The loss covers answer tokens only. LoRA adapters go on the language model's linear layers; the
-projector (or the tower) can additionally train in full (``fully_trained_modules``), as LLaVA-1.5's
-own finetune (stage 2) trains its projector. Training runs through ``transformers.Trainer``
-(progress bar, checkpoints every ``save_steps``: an interrupted run resumes from the last one).
+The loss covers answer tokens only (``medcomp.encoding``). LoRA adapters go on the language model's
+linear layers; the projector (or the tower) can additionally train in full (``fully_trained_modules``),
+as LLaVA-1.5's own finetune (stage 2) trains its projector. Three entry points share one body
+(``_fit``): ``finetune`` (QLoRA, then an exact merge), ``finetune_on_quantized`` (LoRA on a 4-bit AWQ/RTN
+model, kept unmerged) and ``train_modules_only`` (LLaVA's stage 1). Training runs through
+``transformers.Trainer`` (one progress bar, checkpoints every ``save_steps``: an interrupted run resumes).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
-from medcomp.data import VQAConversation, VQAExample, load_rgb
+from medcomp.data import VQAConversation, VQAExample, as_multi_turn
+from medcomp.encoding import LeftPadCollator, VQATrainingSet, answer_loss
 from medcomp.files import atomic_write_json, content_hash
-from medcomp.models import LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, checkpoint_identity, load_llava, load_processor, save_with_processor
+from medcomp.loading import (LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly,
+                             load_llava, load_processor, load_quantized, save_with_processor)
 from medcomp.params import FinetuneParams
-from medcomp.quantization import import_gptqmodel_quietly
-
-IGNORE_INDEX = -100
-
-
-import_gptqmodel_quietly()
-
-
-def encode_for_training(processor, example: VQAExample | VQAConversation) -> dict[str, torch.Tensor]:
-    """Tokenise one conversation (one image, one or more question/answer turns) with labels on the
-    answer tokens only.
-
-    Each answer's span is found by rendering the processor's own chat template up to the answer's
-    prompt and up to its end; tokenising every such prefix must give a prefix of the whole
-    conversation's tokens (checked, not assumed). Templates that end an assistant turn without EOS
-    (llava-1.5's) get one after every answer, as LLaVA's own training separator is: a model that never
-    sees one never learns to stop.
-    """
-    messages = example.messages()
-    image = load_rgb(example.image)
-
-    def tokens(text: str) -> torch.Tensor:
-        return processor(text=text, images=image, return_tensors="pt")["input_ids"][0]
-
-    full_text = processor.apply_chat_template(messages)
-    full = processor(text=full_text, images=image, return_tensors="pt")
-    input_ids = full["input_ids"][0]
-    eos_id, eos_text = processor.tokenizer.eos_token_id, processor.tokenizer.eos_token
-    pieces: list[tuple[torch.Tensor, bool]] = []  # (token run, is an answer)
-    cursor = 0
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt_text = processor.apply_chat_template(messages[:turn], add_generation_prompt=True)
-        upto_text = processor.apply_chat_template(messages[: turn + 1])
-        if not (full_text.startswith(prompt_text) and full_text.startswith(upto_text)):
-            raise ValueError("the chat template does not render each turn as a prefix of the conversation")
-        start, end = _shared_prefix(input_ids, tokens(prompt_text)), _shared_prefix(input_ids, tokens(upto_text))
-        pieces += [(input_ids[cursor:start], False), (input_ids[start:end], True)]
-        if eos_id is not None and eos_text not in upto_text[len(prompt_text) :]:
-            pieces.append((torch.tensor([eos_id]), True))
-        cursor = end
-    pieces.append((input_ids[cursor:], False))
-    ids = torch.cat([run for run, _ in pieces])
-    labels = torch.cat([run if is_answer else torch.full_like(run, IGNORE_INDEX) for run, is_answer in pieces])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": full["pixel_values"][0], "labels": labels}
-
-
-def _shared_prefix(whole: torch.Tensor, prefix: torch.Tensor) -> int:
-    """How many leading tokens of ``prefix`` the whole conversation shares.
-
-    All of them, or all but the last: a prefix that ends in whitespace (llava-1.5's template puts a
-    space after each answer) tokenises that space alone, while inside the conversation it merges
-    with the next word. Any other difference means the template does not render turns as prefixes.
-    """
-    length = min(len(whole), len(prefix))
-    mismatch = (whole[:length] != prefix[:length]).nonzero()
-    shared = int(mismatch[0]) if len(mismatch) else length
-    if shared < len(prefix) - 1:
-        raise ValueError("tokenising a turn alone gives different tokens than inside the conversation")
-    return shared
-
-
-class VQATrainingSet(Dataset):
-    def __init__(self, processor, examples: Sequence[VQAExample | VQAConversation]):
-        self.processor = processor
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return encode_for_training(self.processor, self.examples[index])
-
-
-@dataclass
-class LeftPadCollator:
-    """Left padding puts every answer at the end of its row, so the loss needs logits for the last
-    ``answer_span`` positions only: at a 49k-token vocabulary that is a large share of the compute."""
-
-    pad_token_id: int
-
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(len(row["input_ids"]) for row in rows)
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            return torch.stack([torch.nn.functional.pad(row[key], (length - len(row[key]), 0), value=value) for row in rows])
-
-        attention_mask = pad("attention_mask", 0)
-        labels = pad("labels", IGNORE_INDEX)
-        first_label = (labels != IGNORE_INDEX).float().argmax(dim=1)
-        return {
-            "input_ids": pad("input_ids", self.pad_token_id),
-            "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0),
-            "labels": labels,
-            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
-            "answer_span": length - int(first_label.min()) + 1,
-        }
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy over answer tokens, with the vocabulary projection computed only
-    where a label follows: at a 49k-token vocabulary it is a large share of a step, and in a
-    multi-turn conversation the questions between answers need none.
-
-    Averaged over ``num_items`` answer tokens when given (the whole accumulated batch, as Trainer
-    counts them), else over this batch's answer tokens.
-    """
-    batch = dict(batch)
-    labels, span = batch.pop("labels"), int(batch.pop("answer_span"))
-    # Only the last span positions can predict a label; of those, the ones followed by one do.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(**batch, use_cache=False).last_hidden_state[:, -span:-1]
-    targets = labels[:, -(span - 1) :]
-    keep = targets != IGNORE_INDEX
-    logits = base.lm_head(hidden[keep])
-    total = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    count = num_items if num_items is not None else keep.sum()
-    return total / count
 
 
 def lora_config(params: FinetuneParams):
@@ -311,6 +194,23 @@ def _parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
+def _fit(model, processor, examples: Sequence[VQAExample | VQAConversation], params: FinetuneParams, output_dir: Path,
+         setup: list[Any], device: str, seed: int, save_to: Path) -> FinetuneResult:
+    """The body every entry point shares: count, train (resuming), save what was trained with its
+    processor to ``save_to``, keep the log. The caller fills in what the saved folder is."""
+    trainable, total = _parameter_counts(model)
+    trainer, train_seconds = _train(model, processor, examples, params, output_dir, setup, device, seed)
+    saved = save_with_processor(model, processor, save_to)
+    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
+    return FinetuneResult(saved, saved, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+
+
+def _conversations(examples: Sequence[VQAExample], params: FinetuneParams) -> Sequence[VQAExample | VQAConversation]:
+    """With ``params.multi_turn`` each image's questions form one conversation (the paper's format):
+    every sequence then teaches the image-to-name link, and no batch is padded to its longest single answer."""
+    return as_multi_turn(examples) if params.multi_turn else examples
+
+
 def finetune(
     source: str,
     model_dtype: str,
@@ -320,26 +220,15 @@ def finetune(
     output_dir: Path,
     seed: int = 0,
 ) -> FinetuneResult:
-    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``.
-
-    With ``params.multi_turn`` each image's questions form one conversation (the paper's format):
-    every sequence then teaches the image-to-name link, and no batch is padded to its longest
-    single answer.
-    """
-    from medcomp.data import as_multi_turn
-
+    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``."""
+    import_gptqmodel_quietly()
     output_dir = Path(output_dir)
-    if params.multi_turn:
-        train_examples = as_multi_turn(train_examples)
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
-    trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, checkpoint_identity(source), model_dtype, seed], device, seed)
-
-    adapter_dir = save_with_processor(model, processor, output_dir / "adapter")
-    merged_dir = merge_adapter(source, adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
-    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
-    return FinetuneResult(adapter_dir, merged_dir, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+    result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
+                  [source, checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter")
+    merged_dir = merge_adapter(source, result.adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
+    return replace(result, merged_dir=merged_dir)
 
 
 def finetune_on_quantized(
@@ -357,22 +246,15 @@ def finetune_on_quantized(
     """
     from peft import get_peft_model
 
-    from medcomp.data import as_multi_turn
-    from medcomp.quantization import load_quantized
-
     output_dir = Path(output_dir)
-    if params.multi_turn:
-        train_examples = as_multi_turn(train_examples)
     processor = load_processor(processor_source)
     base = load_quantized(quantized_source, device, params.compute_dtype)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     model = get_peft_model(base, lora_config(params))
-    trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [quantized_source, checkpoint_identity(quantized_source), "quantized", seed], device, seed)
-    adapter_dir = save_with_processor(model, processor, output_dir / "adapter")
-    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
-    return FinetuneResult(adapter_dir, Path(quantized_source), trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+    result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
+                  [quantized_source, checkpoint_identity(quantized_source), "quantized", seed], device, seed, output_dir / "adapter")
+    return replace(result, merged_dir=Path(quantized_source))
 
 
 _MODULE_PREFIXES = {"vision_tower": VISION_TOWER, "multi_modal_projector": PROJECTOR}
@@ -405,12 +287,9 @@ def train_modules_only(
         parameter.requires_grad_(name.startswith(trained_prefixes))
     if params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, train_examples, params, output_dir, [source, model_dtype, seed, "modules"], device, seed)
-
-    saved = save_with_processor(model, processor, target_dir or output_dir / "merged")
-    atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
-    return FinetuneResult(None, saved, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+    result = _fit(model, processor, train_examples, params, output_dir, [source, model_dtype, seed, "modules"], device, seed,
+                  target_dir or output_dir / "merged")
+    return replace(result, adapter_dir=None)
 
 
 def merge_adapter(
@@ -429,6 +308,7 @@ def merge_adapter(
     """
     from peft import PeftModel
 
+    import_gptqmodel_quietly()
     base = load_llava(base_source, dtype=dtype, device="cpu", quantization_config=quantization_config)
     if quantization_config is not None:
         base = base.dequantize(dtype=TORCH_DTYPES[dtype])

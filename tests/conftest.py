@@ -37,7 +37,7 @@ def tiny_embedded_model(tmp_path_factory) -> Path:
     """The embedded recipe (SmolLM2 tokenizer and ChatML template) around a 4-layer random Llama."""
     from transformers import CLIPVisionConfig
 
-    from medcomp.models import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
+    from medcomp.embedded import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32)
@@ -57,7 +57,7 @@ def tiny_llava15_standin(tmp_path_factory) -> Path:
     """
     from transformers import CLIPVisionConfig
 
-    from medcomp.models import assemble_llava, smollm2_tokenizer
+    from medcomp.embedded import assemble_llava, smollm2_tokenizer
 
     real = json.loads((FIXTURES / "llava-1.5-7b-hf.config.json").read_text())
     text, vision = real["text_config"], real["vision_config"]
@@ -93,7 +93,7 @@ def tiny_qwen2_llava(tmp_path_factory) -> Path:
     """The embedded recipe around a 4-layer random Qwen2 (its config carries ``layer_types``)."""
     from transformers import CLIPVisionConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from medcomp.models import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
+    from medcomp.embedded import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     torch.manual_seed(0)

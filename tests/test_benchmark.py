@@ -4,7 +4,7 @@ import torch
 from medcomp import benchmark
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DISEASES
-from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.loading import decoder_layers, load_llava, load_processor
 from medcomp.params import BenchmarkParams
 from medcomp.runs import Variant
 
@@ -41,8 +41,8 @@ def test_hooks_split_a_decode_step_into_layers_lm_head_and_the_rest(tiny_embedde
 
 
 def test_every_variant_is_measured_interleaved_and_a_4_bit_one_is_smaller(tiny_embedded_model, example):
-    from medcomp.models import bnb_4bit_config
-    from medcomp.quantization import FULL_PRECISION_MODULES
+    from medcomp.loading import bnb_4bit_config
+    from medcomp.loading import FULL_PRECISION_MODULES
 
     full = Variant("finetuned", "01_finetune", str(tiny_embedded_model), parameters=1, bits=32)
     nf4 = Variant("finetuned-bnb", "05_quantize", str(tiny_embedded_model), parameters=1, bits=4)

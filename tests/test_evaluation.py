@@ -4,7 +4,7 @@ import torch
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.evaluation import confusion_matrix, generate_answers, named_disease, naming_accuracy, peak_memory_gib
 from medcomp.knowledge import DISEASES
-from medcomp.models import load_llava, load_processor
+from medcomp.loading import load_llava, load_processor
 
 
 def test_named_disease_takes_the_first_disease_mentioned():

@@ -8,7 +8,7 @@ import torch
 from medcomp import importance
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DISEASES
-from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.loading import decoder_layers, load_llava, load_processor
 from medcomp.pruning import _renumber
 
 ALL = [d.slug for d in DISEASES]
@@ -24,7 +24,7 @@ def calibration(synthetic_root):
 def model_with_identity_block(tiny_embedded_model, calibration):
     """The tiny model taught the calibration answers (so every real block matters), then given an
     extra block at index 2 whose output equals its input (its output projections are zero)."""
-    from medcomp.training import LeftPadCollator, answer_loss, encode_for_training
+    from medcomp.encoding import LeftPadCollator, answer_loss, encode_for_training
 
     model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
     batch = LeftPadCollator(processor.tokenizer.pad_token_id)([encode_for_training(processor, e) for e in calibration])
@@ -49,7 +49,7 @@ def model_with_identity_block(tiny_embedded_model, calibration):
 def test_every_criterion_ranks_the_identity_block_least_important(model_with_identity_block, calibration, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from medcomp.models import sentence_model_source
+    from medcomp.loading import sentence_model_source
 
     model, processor = model_with_identity_block
     layers = list(range(len(decoder_layers(model))))
@@ -70,7 +70,7 @@ def test_every_criterion_ranks_the_identity_block_least_important(model_with_ide
 def test_an_interrupted_sweep_resumes_without_recomputing(model_with_identity_block, calibration, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
-    from medcomp.models import sentence_model_source
+    from medcomp.loading import sentence_model_source
 
     model, processor = model_with_identity_block
     sentence = SentenceTransformer(sentence_model_source("packaged"), device="cpu")

@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from medcomp import judging, scoring
-from medcomp.judging import JudgeItem, JudgementCache, OpenAIJudge, judge_items, parse_rating
+from medcomp import claims, judging, report, scoring, tables
+from medcomp.judging import JudgeItem, JudgementCache, OpenAIJudge, judge_items
+from medcomp.replies import parse_rating
 
 # ------------------------------------------------------------------------------------------ the parser
 
@@ -352,7 +353,7 @@ def _registry():
 
 def test_every_paper_row_finds_its_variant():
     variants = _registry()
-    rows = scoring.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
+    rows = tables.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
     assert rows.table_1 == ((0, "finetuned"), (2, "pruned-2"), (7, "pruned-7"), (9, "pruned-8"))
     assert rows.table_2[0] == ("Pruned LLaVA (5.6 B)", "pruned-7", "recovered-7")
     assert rows.table_2[1] == ("Pruned LLaVA (5.2 B)", "pruned-8", "recovered-8")
@@ -370,25 +371,25 @@ def test_scored_tables_put_the_paper_beside_and_the_verdicts_follow_the_interval
     from medcomp import paper
 
     variants = _registry()
-    rows = scoring.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
+    rows = tables.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
     keys = [f"k{i}" for i in range(117)]
     level = {"finetuned": 4, "recovered-7-awq": 3, "pruned-7-awq": 1, "recovered-7-bnb": 3, "pruned-8": 1, "recovered-7": 3, "pruned-7": 2}
     scores = {name: scoring.VariantScore(name, {k: level.get(name, 2) for k in keys}, 0, 0, {}) for name in variants}
-    table5 = scoring.scored_table_5(rows, scores, paper.TABLE_5)
+    table5 = tables.scored_table_5(rows, scores, paper.TABLE_5)
     assert table5.loc["Full pipeline (ours)", "paper: score"] == 54.25
     assert table5.loc["Full pipeline (ours)", "ours − paper"] == round(75 - 54.25, 1)
-    table4 = scoring.scored_table_4(rows, scores, paper.TABLE_4)
+    table4 = tables.scored_table_4(rows, scores, paper.TABLE_4)
     assert table4.loc["Prune + Quant", "score [95% CI]"].startswith("25.0") and table4.loc["Original LLaVA", "paper: score"] == 80.12
-    assert scoring.scored_table_1(rows, scores, paper.TABLE_1, variants).loc["pruned-8", "paper: score"] == 36.25
-    assert scoring.scored_table_2(rows, scores, paper.TABLE_2).loc["Pruned LLaVA (5.6 B)", "after: paper: score"] == 74.25
-    assert "BNB: score [95% CI]" in scoring.scored_table_3(rows, scores, paper.TABLE_3).columns
-    verdicts = scoring.verdicts(scoring.paper_claims(rows, variants), scores)
+    assert tables.scored_table_1(rows, scores, paper.TABLE_1, variants).loc["pruned-8", "paper: score"] == 36.25
+    assert tables.scored_table_2(rows, scores, paper.TABLE_2).loc["Pruned LLaVA (5.6 B)", "after: paper: score"] == 74.25
+    assert "BNB: score [95% CI]" in tables.scored_table_3(rows, scores, paper.TABLE_3).columns
+    verdicts = claims.verdicts(claims.paper_claims(rows, variants), scores)
     by_claim = {claim.split(" (")[0].split(":")[0]: v for claim, v in verdicts["verdict"].items()}
     assert by_claim["pruning degrades with depth"] == "holds"
     assert by_claim["the full pipeline beats prune + quantize without SFT"] == "holds"
     assert by_claim["AWQ beats bitsandbytes after pruning and SFT"] == "within noise"  # identical ratings: a zero-width interval at 0
     assert by_claim["the similarity ranking beats the magnitude ranking"] == "holds"
-    headline = scoring.headline_html(scoring.relabel(table4, "proxy score"), verdicts, scoring.final_ratios(rows, scores, None), "embedded", "proxy score")
+    headline = report.headline_html(tables.relabel(table4, "proxy score"), verdicts, claims.final_ratios(rows, scores, None), "embedded", "proxy score")
     assert "proxy score" in headline and "not the paper" in headline and "holds" in headline and "80.12" in headline
 
 

@@ -44,3 +44,27 @@ def test_no_function_definitions_in_notebooks(path: Path):
         if cell.cell_type == "code":
             tree = ast.parse("\n".join(line for line in cell.source.splitlines() if not line.startswith(("%", "!"))))
             assert not any(isinstance(node, (ast.FunctionDef, ast.ClassDef)) for node in ast.walk(tree))
+
+
+def _only_displays(loop) -> bool:
+    return all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and getattr(s.value.func, "id", "") == "display" for s in loop.body)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_loop_only_to_display(path: Path):
+    """Loops over variants, and table building, live in medcomp; a cell may only loop to show results."""
+    notebook = nbformat.read(str(path), as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.While) or (isinstance(node, ast.For) and not _only_displays(node)):
+                    raise AssertionError(f"{path.name}: a loop that computes belongs in medcomp:\n{ast.get_source_segment(cell.source, node)}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_open_with_one_call(path: Path):
+    """The shared first cells are one call: parameters, then open_stage; no copied install or banner code."""
+    code = [c.source for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"]
+    assert "parameters" in code[0] or "params_file" in code[0]
+    assert f'open_stage(STAGE, params_file, run_dir' in code[1] and f'STAGE = "{path.stem}"' in code[1]
+    assert not any("pip install" in source or "find_spec" in source for source in code)

@@ -7,7 +7,7 @@ import torch
 
 from medcomp.evaluation import named_disease
 from medcomp.knowledge import DISEASES
-from medcomp.models import load_llava, load_processor
+from medcomp.loading import load_llava, load_processor
 from medcomp.params import load_params
 from medcomp.pretraining import assert_disjoint, pretrain_vision_tower, read_captioned_images, stage1_examples
 from medcomp.synthetic import CAPTIONS, generate_captioned_images
@@ -39,7 +39,7 @@ def test_pretraining_set_is_seeded_captioned_and_disjoint(captioned, synthetic_r
 def test_vision_pretraining_learns_on_the_features_llava_reads(tiny_embedded_model, captioned):
     from sentence_transformers import SentenceTransformer
 
-    from medcomp.models import sentence_model_source
+    from medcomp.loading import sentence_model_source
 
     model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -5,7 +5,7 @@ import torch
 
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DISEASES
-from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.loading import decoder_layers, load_llava, load_processor
 from medcomp.pruning import drop_layers, first_of_ranking, levels_for_depth, prunable_layers, prune_and_save, without_layers
 
 ALL = [d.slug for d in DISEASES]
@@ -132,7 +132,7 @@ def _stub_with_three_layers():
 
 
 def test_plan_names_levels_and_adds_the_magnitude_baseline():
-    from medcomp.pruning import pruning_plan
+    from medcomp.stages.prune import pruning_plan
 
     orders = {"similarity": [5, 3, 4, 2], "magnitude": [2, 4, 3, 5]}
     plan = pruning_plan(orders, "similarity", [(0.0, 0), (0.25, 2)], magnitude_fraction=0.25)

@@ -8,17 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcomp import quantization
+from medcomp import calibration, loading, quantizers, weight_analysis
+from medcomp.stages import quantize as quantize_stage
 from medcomp.data import build_conversations, scan_dermnet, DERMNET_FOLDER_RULES
 from medcomp.knowledge import DISEASES_BY_SLUG
-from medcomp.models import decoder_layers, load_llava, load_processor, save_with_processor
+from medcomp.loading import decoder_layers, load_llava, load_processor, save_with_processor
+
+
+def relative_errors(model, reference) -> dict[str, float]:
+    """Relative Frobenius error of each decoder linear against ``reference``: zero means not quantized."""
+    return {f"{row['layer']}.{row['linear']}": float((row["weight"] - row["reference"]).norm() / row["reference"].norm())
+            for row in weight_analysis.weight_comparisons(model, reference)}
 
 
 @pytest.fixture(scope="module")
 def conversations(synthetic_root):
     scan = scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG), DERMNET_FOLDER_RULES)
     examples = build_conversations([image for image in scan.images if image.split == "train"])
-    return quantization.calibration_conversations(examples, 6, seed=0)
+    return calibration.calibration_conversations(examples, 6, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,7 @@ def outlier_model(tmp_path_factory) -> Path:
     from conftest import _tiny_llama
     from transformers import CLIPVisionConfig
 
-    from medcomp.models import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
+    from medcomp.embedded import EMBEDDED_CHAT_TEMPLATE, assemble_llava, smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, projection_dim=32)
@@ -42,26 +49,26 @@ def test_calibration_conversations_carry_their_images_and_answers(conversations)
     first = conversations[0]
     assert [m["role"] for m in first] == ["user", "assistant"]
     assert any(item["type"] == "image" and Path(item["image"]).exists() for item in first[0]["content"])
-    loaded = quantization.with_images_loaded(conversations)[0]
+    loaded = calibration.with_images_loaded(conversations)[0]
     assert any(item["type"] == "image" and hasattr(item["image"], "size") for item in loaded[0]["content"])
     with pytest.raises(ValueError, match="calibration_size"):
-        quantization.calibration_conversations([], 1)
+        calibration.calibration_conversations([], 1)
 
 
 def test_bitsandbytes_quantizes_every_decoder_linear_in_blocks_of_64(tiny_embedded_model, tmp_path):
-    checkpoint = quantization.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", [])
-    model = quantization.load_quantized(checkpoint.path)
+    checkpoint = quantizers.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", [])
+    model = loading.load_quantized(checkpoint.path)
     for layer in decoder_layers(model):
         assert layer.self_attn.q_proj.weight.quant_state.blocksize == 64
         assert layer.mlp.down_proj.weight.quant_state.quant_type == "nf4"
-    errors = quantization.quantization_error(model, load_llava(str(tiny_embedded_model)))
+    errors = relative_errors(model, load_llava(str(tiny_embedded_model)))
     assert len(errors) == 4 * 7 and min(errors.values()) > 1e-3, "a linear came back unchanged: not quantized"
-    assert quantization.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", []).reused
+    assert quantizers.quantize("bnb", str(tiny_embedded_model), tmp_path / "bnb", []).reused
 
 
 def test_an_unquantized_decoder_is_refused_naming_the_layer(tiny_embedded_model):
-    with pytest.raises(quantization.QuantizationError, match="decoder layer 0 q_proj is not quantized"):
-        quantization.assert_decoder_quantized(load_llava(str(tiny_embedded_model)))
+    with pytest.raises(loading.QuantizationError, match="decoder layer 0 q_proj is not quantized"):
+        loading.assert_decoder_quantized(load_llava(str(tiny_embedded_model)))
 
 
 def test_non_finite_calibration_activations_name_the_layer(tiny_embedded_model, conversations, tmp_path):
@@ -69,8 +76,8 @@ def test_non_finite_calibration_activations_name_the_layer(tiny_embedded_model, 
     with torch.no_grad():
         decoder_layers(model)[2].mlp.up_proj.weight[0, 0] = float("inf")
     broken = save_with_processor(model, load_processor(str(tiny_embedded_model)), tmp_path / "broken")
-    with pytest.raises(quantization.QuantizationError, match="decoder layer 2 produces NaN/inf"):
-        quantization.quantize("awq", str(broken), tmp_path / "awq", conversations)
+    with pytest.raises(loading.QuantizationError, match="decoder layer 2 produces NaN/inf"):
+        quantizers.quantize("awq", str(broken), tmp_path / "awq", conversations)
     assert not (tmp_path / "awq").exists(), "nothing is written for a refused model"
 
 
@@ -78,15 +85,15 @@ def test_non_finite_calibration_activations_name_the_layer(tiny_embedded_model, 
 def test_awq_beats_round_to_nearest_on_outlier_channels_and_both_reload_quantized(outlier_model, conversations, tmp_path):
     processor = load_processor(str(outlier_model))
     reference = load_llava(str(outlier_model))
-    truth = quantization.calibration_activations(reference, processor, conversations, 0)["q_proj_output"]
+    truth = calibration.calibration_activations(reference, processor, conversations, 0)["q_proj_output"]
     errors = {}
     for method in ("awq", "rtn"):
-        checkpoint = quantization.quantize(method, str(outlier_model), tmp_path / method, conversations)
+        checkpoint = quantizers.quantize(method, str(outlier_model), tmp_path / method, conversations)
         config = json.loads((checkpoint.path / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "awq" and config["group_size"] == 64 and config["bits"] == 4
-        model = quantization.load_quantized(checkpoint.path)  # asserts every decoder linear is 4-bit
-        assert min(quantization.quantization_error(model, reference).values()) > 1e-4
-        output = quantization.calibration_activations(model, processor, conversations, 0)["q_proj_output"]
+        model = loading.load_quantized(checkpoint.path)  # asserts every decoder linear is 4-bit
+        assert min(relative_errors(model, reference).values()) > 1e-4
+        output = calibration.calibration_activations(model, processor, conversations, 0)["q_proj_output"]
         # AWQ divides layer 0's q_proj input by its scales (folded into the norm); compare what attention sees
         errors[method] = float((output - truth).norm() / truth.norm())
     assert errors["awq"] < errors["rtn"], errors
@@ -99,7 +106,7 @@ def test_adapter_deltas_are_scaled_lora_products(tmp_path):
     save_file({"base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight": a,
                "base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_B.weight": b}, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
-    deltas = quantization.adapter_deltas(tmp_path)
+    deltas = weight_analysis.adapter_deltas(tmp_path)
     assert set(deltas) == {(3, "q_proj")}
     assert torch.allclose(deltas[(3, "q_proj")], 0.5 * b @ a)
 
@@ -112,7 +119,7 @@ def test_the_plan_covers_every_cell_of_tables_3_to_5():
         ("finetuned", None, {"adapter": "a", "sft_base": "b"}), ("pruned-7", "finetuned", {}), ("pruned-7-magnitude", "finetuned", {}),
         ("recovered-7", "pruned-7", {"adapter": "a", "sft_base": "b"}), ("recovered-9", "pruned-9", {"adapter": "a", "sft_base": "b"}),
         ("recovered-7-magnitude", "pruned-7-magnitude", {"adapter": "a", "sft_base": "b"})]}
-    plan = quantization.quantization_plan(QuantizationParams(quantize_then_recover=("awq", "rtn")), variants,
+    plan = quantize_stage.quantization_plan(QuantizationParams(quantize_then_recover=("awq", "rtn")), variants,
                                           ["recovered-7", "recovered-9", "recovered-7-magnitude"])
     names = {step.name for step in plan}
     assert {"finetuned-awq", "finetuned-bnb", "recovered-7-awq", "recovered-7-bnb", "recovered-9-awq", "recovered-9-bnb",  # Table 3
@@ -138,7 +145,7 @@ def test_quantization_and_recovery_params_refuse_what_cannot_run():
 
 def test_recovery_plan_names_what_03_did_not_build():
     from medcomp.params import PAPER_PRUNING_LEVELS, RecoveryParams
-    from medcomp.recovery import recovery_plan
+    from medcomp.stages.recover import recovery_plan
 
     # on 30 layers the paper's levels map to 0, 2, 4, 7, 8, 9, 10 blocks (as 03 maps them)
     steps = recovery_plan(RecoveryParams(), PAPER_PRUNING_LEVELS, 30, 27, ["finetuned", "pruned-7", "pruned-9", "pruned-7-magnitude"])
@@ -159,8 +166,8 @@ def test_survival_is_one_when_the_change_is_kept_and_zero_when_rounded_away(tiny
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
     with torch.no_grad():
         decoder_layers(merged)[1].self_attn.q_proj.weight += 2 * lora_b @ lora_a
-    kept = quantization.finetune_survival(merged, merged, tmp_path)
-    erased = quantization.finetune_survival(base, merged, tmp_path)
+    kept = weight_analysis.finetune_survival(merged, merged, tmp_path)
+    erased = weight_analysis.finetune_survival(base, merged, tmp_path)
     assert list(kept["linear"]) == ["q_proj"] and list(kept["layer"]) == [1]
     assert kept["kept"].item() == pytest.approx(1.0, abs=1e-4) and kept["cosine"].item() == pytest.approx(1.0, abs=1e-4)
     assert erased["kept"].item() == pytest.approx(0.0, abs=1e-4)
@@ -169,7 +176,7 @@ def test_survival_is_one_when_the_change_is_kept_and_zero_when_rounded_away(tiny
 
 def test_a_quantizer_failure_is_an_error_that_names_the_cause_not_a_dead_kernel(tiny_embedded_model, conversations, tmp_path):
     # AWQ's clip search needs a multiple of 64 outputs; this model's k_proj has 32
-    with pytest.raises(quantization.QuantizationError, match="awq quantization of .* failed") as failure:
-        quantization.quantize("awq", str(tiny_embedded_model), tmp_path / "awq", conversations)
+    with pytest.raises(loading.QuantizationError, match="awq quantization of .* failed") as failure:
+        quantizers.quantize("awq", str(tiny_embedded_model), tmp_path / "awq", conversations)
     assert "AssertionError" in str(failure.value)
     assert not (tmp_path / "awq").exists()

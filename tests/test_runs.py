@@ -3,7 +3,8 @@ import json
 import pytest
 
 from medcomp.params import load_params
-from medcomp.runs import Run, Variant, start_stage, write_manifest
+from medcomp.notebook import start_stage
+from medcomp.runs import Run, Variant, write_manifest
 
 
 def test_registry_round_trip(tmp_path):
@@ -42,7 +43,7 @@ def test_packaged_sentence_model_embeds_offline(monkeypatch):
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from medcomp.models import sentence_model_source
+    from medcomp.loading import sentence_model_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = SentenceTransformer(sentence_model_source("packaged"), device="cpu")

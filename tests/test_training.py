@@ -4,9 +4,10 @@ from peft import PeftModel
 
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DISEASES
-from medcomp.models import decoder_layers, load_llava, load_processor
+from medcomp.loading import decoder_layers, load_llava, load_processor
 from medcomp.params import load_params
-from medcomp.training import IGNORE_INDEX, LeftPadCollator, answer_loss, encode_for_training, finetune
+from medcomp.encoding import IGNORE_INDEX, LeftPadCollator, answer_loss, encode_for_training
+from medcomp.training import finetune
 
 ALL = [d.slug for d in DISEASES]
 

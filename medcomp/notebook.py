@@ -1,0 +1,67 @@
+"""What every notebook does first, in one call: validate params, seed, set threads, open the run, show the banner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medcomp.params import Params, default_params_name, load_params
+from medcomp.runs import Run, write_manifest
+
+EMBEDDED_NOTE = ("> Embedded world: a 135M-parameter LLaVA assembled offline on synthetic DermNet-layout images. "
+                 "Its numbers are an honest small model's results and are **not** the paper's.")
+
+
+def quiet_libraries() -> None:
+    """Silence load/save progress bars and info logging of the Hugging Face libraries through their
+    own switches, so reports carry this run's output only; errors still show."""
+    import huggingface_hub
+    import transformers
+
+    import logging
+
+    logging.getLogger("tokenicer").setLevel(logging.WARNING)  # GPTQModel's tokenizer wrapper logs every load
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        import datasets
+
+        datasets.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+
+def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:
+    """What every notebook does first: validate params, seed everything, set threads, open the run.
+
+    ``params_file="auto"`` picks ``kaggle_t4`` when a GPU is present and ``embedded`` otherwise, so a
+    notebook opened by hand works in both worlds.
+    """
+    import torch
+    from transformers import set_seed
+
+    params = load_params(default_params_name() if params_file == "auto" else params_file, overrides)
+    quiet_libraries()
+    set_seed(params.seed)
+    torch.set_num_threads(params.runtime.threads)
+    run = Run.for_params(params, run_dir)
+    if not (run.directory / "manifest.json").exists():
+        write_manifest(run.directory, params, {"params_file": str(params_file)})
+    return params, run
+
+
+
+def open_stage(stage: str, params_file: str | Path = "auto", run_dir: str | Path | None = None,
+               world_note: str | None = None) -> tuple[Params, Run]:
+    """``start_stage``, then the banner every report opens with: the stage, the run, the world, the model
+    and the data, and in the embedded world the note that these are a small model's numbers
+    (``world_note`` overrides it)."""
+    from IPython.display import Markdown, display
+
+    params, run = start_stage(params_file, run_dir)
+    display(Markdown(f"**{stage}** · run `{params.run_name}` · world **{params.world}** · model `{params.model.id}` · data `{params.data.root}`"))
+    if params.world == "embedded":
+        display(Markdown(world_note or EMBEDDED_NOTE))
+    return params, run

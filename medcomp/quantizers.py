@@ -1,0 +1,162 @@
+"""The three 4-bit weight-only quantizers of the paper's section 3.4, group size 64.
+
+The vision tower, projector, embeddings and lm_head stay in full precision.
+
+- **AWQ** (``quantize_awq``): GPTQModel's activation-aware scale search (Eq. 6-8) on calibration
+  conversations (``medcomp.calibration``). Saved in AWQ's GEMM format; transformers reloads it through
+  GPTQModel (``medcomp.loading.load_quantized``).
+- **Round-to-nearest** (``quantize_rtn``): GPTQModel's RTN, asymmetric min-max per group of 64, in the
+  same GEMM storage as AWQ, minus the search.
+- **bitsandbytes** nf4 (``quantize_bnb``): quantized at load, blocks of 64, and saved 4-bit.
+
+GPTQModel runs in a child process (``python -m medcomp.quantizers SPEC``); see ``_quantize_in_child``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medcomp.calibration import check_finite_activations, describe_conversation, with_images_loaded
+from medcomp.files import atomic_directory, atomic_write_json
+from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly, load_llava, load_processor
+
+
+RECORD = "quantization.json"
+
+
+def _gptqmodel_quantize(source: str, target: Path, config, conversations) -> float:
+    """Run GPTQModel in this process (``quantize`` runs it in a child process; see there)."""
+    import_gptqmodel_quietly()
+    from gptqmodel import GPTQModel
+
+    started = time.perf_counter()
+    # GPTQModel packs into float16/bfloat16 only; the search runs in that dtype too.
+    model = GPTQModel.load(source, config, dtype=torch.float16)
+    model.quantize(with_images_loaded(conversations), batch_size=1)
+    seconds = time.perf_counter() - started
+    with atomic_directory(target) as staging:
+        model.save(str(staging))
+        _record_as_awq_gemm(staging)
+    del model
+    return seconds
+
+
+def _quantize_in_child(method: str, source: str, target: Path, conversations, group_size: int, device: str) -> float:
+    """Run ``quantize_awq``/``quantize_rtn`` in a child Python process.
+
+    GPTQModel's logger draws progress through its own stdout wrappers and notebook display handles
+    (no redirect catches them: they leave pages of blank output in a report), and a failure in one
+    of its worker threads can end the whole process, which in a notebook is the kernel. A child keeps
+    both away from the notebook; its output is kept, and shown if it fails.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = Path(scratch) / "spec.json"
+        result = Path(scratch) / "seconds.json"
+        spec.write_text(json.dumps({"method": method, "source": str(source), "target": str(target), "conversations": conversations,
+                                    "group_size": group_size, "device": device, "threads": torch.get_num_threads(), "result": str(result)}))
+        # cwd: GPTQModel writes a log folder into the working directory
+        child = subprocess.run([sys.executable, "-m", "medcomp.quantizers", str(spec)], capture_output=True, text=True, cwd=scratch)
+        if child.returncode != 0 or not result.exists() or not (Path(target) / "config.json").exists():
+            tail = "\n".join((child.stdout + child.stderr).strip().splitlines()[-25:])
+            raise QuantizationError(f"{method} quantization of {source} failed (exit code {child.returncode}):\n{tail}")
+        return float(json.loads(result.read_text()))
+
+
+def _record_as_awq_gemm(directory: Path) -> None:
+    """Write the checkpoint's ``quantization_config`` as what it stores: AWQ GEMM tensors.
+
+    GPTQModel's RTN writes the GEMM layout (``qweight``/``qzeros``/``scales``, AWQ's packing) but
+    records ``quant_method: "gptq"``, which transformers refuses (``Unsupported format: FORMAT.GEMM
+    for quantization method METHOD.GPTQ``). RTN is AWQ with every scale 1 and no clipping, so the same
+    record is right for both. The full-precision modules are listed, or transformers converts them too.
+    """
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    quantization = config["quantization_config"]
+    if quantization.get("format") != "gemm":
+        raise QuantizationError(f"expected GEMM-format tensors in {directory}, got format {quantization.get('format')!r}")
+    quantization.update(quant_method="awq", modules_to_not_convert=FULL_PRECISION_MODULES)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def quantize_awq(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4, device: str = "cpu") -> float:
+    """AWQ (GPTQModel), asymmetric, GEMM format; returns the quantization wall time in seconds."""
+    from gptqmodel import AWQConfig
+    from gptqmodel.quantization import FORMAT
+
+    config = AWQConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device=device)
+    return _gptqmodel_quantize(source, target, config, conversations)
+
+
+def quantize_rtn(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4, device: str = "cpu") -> float:
+    """Round-to-nearest (GPTQModel RTN): AWQ's storage and grid without the search."""
+    from gptqmodel import RTNConfig
+    from gptqmodel.quantization import FORMAT
+
+    config = RTNConfig(bits=bits, group_size=group_size, sym=False, format=FORMAT.GEMM, offload_to_disk=False, device=device)
+    return _gptqmodel_quantize(source, target, config, conversations[:1])
+
+
+def quantize_bnb(source: str, target: Path, compute_dtype: str = "float32") -> float:
+    """bitsandbytes nf4 (blocks of 64, as QLoRA's), quantized at load and saved 4-bit."""
+    started = time.perf_counter()
+    model = load_llava(source, dtype=compute_dtype, quantization_config=bnb_4bit_config(compute_dtype, FULL_PRECISION_MODULES))
+    seconds = time.perf_counter() - started
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging)
+        load_processor(source).save_pretrained(staging)
+    return seconds
+
+
+QUANTIZERS = {"awq": quantize_awq, "rtn": quantize_rtn}
+
+
+@dataclass(frozen=True)
+class QuantizedCheckpoint:
+    path: Path
+    method: str
+    seconds: float
+    reused: bool
+
+
+def quantize(method: str, source: str, target: Path, conversations, group_size: int = 64, compute_dtype: str = "float32",
+             device: str = "cpu") -> QuantizedCheckpoint:
+    """Quantize ``source`` into ``target`` by ``method`` unless ``target`` already holds exactly that
+    (same method, group size, calibration and source checkpoint): an interrupted stage resumes."""
+    record = {"method": method, "group_size": group_size, "source": str(source), "source_identity": [list(i) for i in checkpoint_identity(source)],
+              "calibration": [describe_conversation(c) for c in conversations] if method == "awq" else []}
+    saved = Path(target) / RECORD
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if {k: previous.get(k) for k in record} == record:
+            return QuantizedCheckpoint(Path(target), method, previous["seconds"], True)
+    if method == "bnb":
+        seconds = quantize_bnb(source, Path(target), compute_dtype)
+    elif method in QUANTIZERS:
+        if method == "awq":
+            check_finite_activations(source, conversations, compute_dtype)
+        seconds = _quantize_in_child(method, source, Path(target), conversations, group_size, device)
+    else:
+        raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, bnb")
+    atomic_write_json(saved, {**record, "seconds": seconds})
+    return QuantizedCheckpoint(Path(target), method, seconds, False)
+
+
+if __name__ == "__main__":  # the child process of ``_quantize_in_child``
+    import sys
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(spec["threads"])
+    seconds = QUANTIZERS[spec["method"]](spec["source"], Path(spec["target"]), spec["conversations"], spec["group_size"], device=spec["device"])
+    Path(spec["result"]).write_text(json.dumps(seconds))

@@ -1,0 +1,132 @@
+"""What of an SFT's weight change survives 4-bit rounding, read from the weights themselves.
+
+A quantized linear's effective weight is probed as its output on the identity; AWQ's scales folded
+into the RMSNorms are undone before comparing with the unquantized reference. ``finetune_survival``
+projects the quantized model's change onto the adapter's change: why merging then quantizing can
+lose a small finetune, and keeping the adapter unmerged does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from medcomp.loading import DECODER_LINEARS, decoder_layers, find_linear
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@torch.no_grad()
+def effective_weight(linear) -> torch.Tensor:
+    """The weight a (quantized) linear applies, as a float32 ``[out, in]`` matrix: its output on the
+    identity minus its bias. The same probe serves bitsandbytes, GPTQModel, LoRA-wrapped and plain layers."""
+    out = linear(torch.eye(linear.in_features)).float()
+    bias = getattr(linear, "bias", None)
+    if bias is not None:
+        out = out - bias.float()
+    return out.T.contiguous()
+
+
+def _input_scale(quantized_layer, reference_layer, name: str) -> torch.Tensor | None:
+    """AWQ's per-input-channel scale s for ``name``, recovered from the RMSNorm it was folded into
+    (``norm_new = norm_old / s``), or None where no norm feeds the linear (``o_proj``, ``down_proj``)."""
+    norm = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+            "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}.get(name)
+    if norm is None:
+        return None
+    old, new = getattr(reference_layer, norm).weight.detach().float(), getattr(quantized_layer, norm).weight.detach().float()
+    scale = old / new
+    return None if torch.allclose(scale, torch.ones_like(scale)) else scale
+
+
+@torch.no_grad()
+def _scaled_away(layer, reference_layer) -> set[str]:
+    """Linears whose output rows AWQ rescaled to absorb the next linear's scale (``up_proj`` for
+    ``down_proj``, ``v_proj`` for ``o_proj``): their weights cannot be compared one to one."""
+    skipped = set()
+    for producer, consumer, norm_fed in (("up_proj", "down_proj", "post_attention_layernorm"), ("v_proj", "o_proj", "input_layernorm")):
+        weight = effective_weight(find_linear(layer, consumer))
+        reference = find_linear(reference_layer, consumer).weight.detach().float()
+        # a consumer whose columns were scaled differs from its reference by far more than rounding
+        if float((weight - reference).norm() / reference.norm()) > 0.5:
+            skipped |= {producer, consumer}
+    return skipped
+
+
+@torch.no_grad()
+def weight_comparisons(model, reference, layers: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """For each decoder linear: its effective weight mapped back to ``reference``'s input space (AWQ's
+    folded scales undone), and ``reference``'s weight. Linears AWQ rescaled on the output side are
+    left out (see ``_scaled_away``)."""
+    rows = []
+    for index, (layer, ref_layer) in enumerate(zip(decoder_layers(model), decoder_layers(reference))):
+        if layers is not None and index not in layers:
+            continue
+        skipped = _scaled_away(layer, ref_layer)
+        for name in DECODER_LINEARS:
+            if name in skipped:
+                continue
+            weight = effective_weight(find_linear(layer, name, unwrap=False))
+            scale = _input_scale(layer, ref_layer, name)
+            if scale is not None:
+                weight = weight / scale
+            rows.append({"layer": index, "linear": name, "weight": weight, "reference": find_linear(ref_layer, name).weight.detach().float()})
+    return rows
+
+
+def adapter_deltas(adapter_dir: str | Path) -> dict[tuple[int, str], torch.Tensor]:
+    """The weight change a saved LoRA adapter makes to each decoder linear: ``alpha / r * B @ A``,
+    keyed by (decoder layer, linear name)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    pattern = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A\.weight$")
+    deltas = {}
+    for key, lora_a in tensors.items():
+        match = pattern.search(key)
+        if match:
+            lora_b = tensors[key.replace("lora_A", "lora_B")]
+            deltas[(int(match[1]), match[2])] = scaling * lora_b.float() @ lora_a.float()
+    if not deltas:
+        raise ValueError(f"no decoder LoRA weights found in {adapter_dir}")
+    return deltas
+
+
+def finetune_survival(model, merged, adapter_dir: str | Path, group_size: int = 64) -> "pd.DataFrame":
+    """What of an SFT's weight change is still in a quantized model, per decoder linear.
+
+    With Δ the adapter's change and ``base = merged - Δ`` the weights it was trained on, the
+    quantized model's change is ``W_q - base``. ``kept`` is its projection on Δ (1: all of Δ is there,
+    0: rounded away), ``cosine`` its direction's agreement with Δ. ``delta / step`` is Δ's median size
+    in units of a 4-bit step of its group (``(max - min) / 15`` over ``group_size`` inputs), and
+    ``below half a step`` the share of Δ's entries that rounding to that grid can erase outright.
+    """
+    import pandas as pd
+
+    deltas = adapter_deltas(adapter_dir)
+    rows = []
+    for row in weight_comparisons(model, merged):
+        delta = deltas.get((row["layer"], row["linear"]))
+        if delta is None:
+            continue
+        change = row["weight"] - (row["reference"] - delta)
+        flat_delta, flat_change = delta.flatten(), change.flatten()
+        groups = row["reference"].reshape(row["reference"].shape[0], -1, group_size)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(group_size, dim=1)
+        ratio = delta.abs() / step.clamp(min=1e-12)
+        rows.append({
+            "layer": row["layer"], "linear": row["linear"],
+            "kept": float(flat_change @ flat_delta / (flat_delta @ flat_delta)),
+            "cosine": float(torch.nn.functional.cosine_similarity(flat_change, flat_delta, dim=0)),
+            "delta / step": float(ratio.median()),
+            "below half a step": float((ratio < 0.5).float().mean()),
+        })
+    return pd.DataFrame(rows)
