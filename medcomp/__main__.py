@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = commands.add_parser("bootstrap", help="build and cache the embedded model and dataset")
     bootstrap.add_argument("params", nargs="?", default="embedded")
 
+    rehearse = commands.add_parser("rehearse", help="run kaggle_t4.yaml end to end on the 32-layer fp16 LLaVA-1.5 stand-in")
+    rehearse.add_argument("--work", default="rehearsal", help="folder for the stand-in, its data and the run (default: ./rehearsal)")
+    rehearse.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
     args = parser.parse_args(argv)
     from medcomp.params import ParamsError, load_params
+
+    if args.command == "rehearse":
+        from medcomp.rehearsal import rehearse as run_rehearsal
+
+        return run_rehearsal(Path(args.work), args.device)
 
     try:
         if args.command == "check":

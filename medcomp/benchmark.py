@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from medcomp.data import VQAExample, load_rgb
 from medcomp.files import atomic_write_json
-from medcomp.loading import decoder_bytes, decoder_layers, load_variant, tensor_bytes
+from medcomp.loading import decoder_bytes, decoder_layers, load_variant, tensor_bytes, to_model
 
 RESULTS = "benchmark.json"
 
@@ -173,11 +173,10 @@ def lm_head_of(model) -> torch.nn.Module:
     return base.lm_head
 
 
-def model_inputs(processor, example: VQAExample, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def model_inputs(processor, example: VQAExample, model) -> dict[str, torch.Tensor]:
+    """The timed prompt, on ``model``'s device and in its dtype (``loading.to_model``)."""
     text = processor.apply_chat_template(example.prompt_messages(), add_generation_prompt=True)
-    inputs = processor(text=[text], images=[load_rgb(example.image)], return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return dict(inputs)
+    return to_model(processor(text=[text], images=[load_rgb(example.image)], return_tensors="pt"), model)
 
 
 @torch.inference_mode()
@@ -234,7 +233,7 @@ def _measure_setup(variant, processor, example, settings, device, probe, load) -
     started = time.perf_counter()
     model = load(variant)
     load_seconds = time.perf_counter() - started
-    inputs = model_inputs(processor, example, model.dtype, device)
+    inputs = model_inputs(processor, example, model)
     clock = StepClock(probe.cuda)
     # The first (warm-up) generation runs under the memory probe: its first-call allocations are part
     # of what serving the variant costs. Its timing is never used.

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from medcomp.data import VQAExample, load_rgb
 from medcomp.knowledge import DISEASES_BY_SLUG
+from medcomp.loading import to_model
 
 
 @torch.inference_mode()
@@ -30,7 +31,6 @@ def generate_answers(
     """Greedy answers, batched with left padding; one row per example (image, question, reference,
     answer, ``new_tokens``, and ``stopped``: whether the model emitted its end-of-turn token)."""
     processor.tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
     end_ids = model.generation_config.eos_token_id
     end_ids = set(end_ids if isinstance(end_ids, list) else [end_ids]) - {None}
     # Batches of one question kind: a batch decodes until its longest answer ends, so mixing short
@@ -42,8 +42,7 @@ def generate_answers(
         indices = order[start : start + batch_size]
         batch = [examples[i] for i in indices]
         texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
-        inputs = processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True).to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True), model)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for index, example, tokens, text in zip(indices, batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):

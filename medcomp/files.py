@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,14 +47,22 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+WRITE_ID = ".medcomp-write-id"
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``target`` only if the block finishes."""
+    """Yield a staging directory that replaces ``target`` only if the block finishes.
+
+    The finished folder carries a fresh random ``WRITE_ID``: it names this write, survives a copy or a
+    move (unlike modification times), and changes whenever the folder is rewritten.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield staging
+        (staging / WRITE_ID).write_text(uuid.uuid4().hex)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

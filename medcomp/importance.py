@@ -29,7 +29,7 @@ from medcomp.data import VQAExample
 from medcomp.evaluation import generate_answers
 from medcomp.encoding import IGNORE_INDEX, answer_loss, teacher_forced_batches
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
-from medcomp.loading import decoder_layers
+from medcomp.loading import decoder_layers, to_model
 from medcomp.pruning import without_layers
 
 # From the authors' public code: their finetuned LLaVA-1.5-7B's blocks, least important first
@@ -125,7 +125,8 @@ def magnitude_scores(model, layers: Sequence[int]) -> pd.Series:
     """Sum of |W| over every parameter of each block (low = removed first)."""
     blocks = decoder_layers(model)
     with torch.no_grad():
-        return pd.Series({i: float(sum(p.detach().abs().sum() for p in blocks[i].parameters())) for i in layers}, name="magnitude")
+        # fp32 accumulation: a 7B block's |W| sums to millions, past fp16's 65,504 (inf would make the ranking index order)
+        return pd.Series({i: float(sum(p.detach().abs().sum(dtype=torch.float32) for p in blocks[i].parameters())) for i in layers}, name="magnitude")
 
 
 @torch.no_grad()
@@ -139,7 +140,7 @@ def block_influence(model, processor, calibration: Sequence[VQAExample], layers:
     totals = {i: 0.0 for i in layers}
     count = 0
     for batch in batches if batches is not None else teacher_forced_batches(processor, calibration, batch_size):
-        batch = dict(batch)
+        batch = to_model(batch, model)
         labels, _ = batch.pop("labels"), batch.pop("answer_span")
         # A label at position t+1 marks position t's hidden state as one that predicts an answer token.
         answer_positions = torch.zeros_like(labels, dtype=torch.bool)
@@ -173,7 +174,7 @@ def reference_perplexity(model, processor, calibration: Sequence[VQAExample], ba
     total, tokens = 0.0, 0
     for batch in batches if batches is not None else teacher_forced_batches(processor, calibration, batch_size):
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(answer_loss(model, batch)) * n
+        total += float(answer_loss(model, to_model(batch, model))) * n
         tokens += n
     return float(np.exp(total / tokens))
 

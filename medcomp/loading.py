@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from medcomp.files import atomic_directory
+from medcomp.files import WRITE_ID, atomic_directory
 
 
 # Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
@@ -142,13 +142,23 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return base.model.language_model.layers
 
 
-def checkpoint_identity(directory: str | Path) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of a checkpoint's weight files: changes whenever it is rewritten.
+def checkpoint_identity(directory: str | Path) -> list[tuple[str, Any, int]]:
+    """What a checkpoint is: its write id (``files.WRITE_ID``, new on every rewrite, kept by a copy or a
+    move) and its weight files' names and sizes; for a folder medcomp did not write, names, sizes and
+    modification times; for a hub id, the id.
 
     Results computed from a checkpoint (a pruned copy, a sweep cache) record it, so they are never
-    served for a checkpoint that was rebuilt in the meantime, even one that answers the same.
+    served for a checkpoint that was rebuilt in the meantime, even one that answers the same, and a run
+    folder copied into a new session (Kaggle: output attached as input) is still recognised.
     """
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.safetensors"))
+    directory = Path(directory)
+    if not directory.exists():
+        return [("source", str(directory), 0)]
+    write_id = directory / WRITE_ID
+    weights = sorted(directory.glob("*.safetensors"))
+    if write_id.exists():
+        return [("write id", write_id.read_text().strip(), 0)] + [(p.name, p.stat().st_size, 0) for p in weights]
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights)
 
 
 def count_parameters(model) -> int:
@@ -158,6 +168,40 @@ def count_parameters(model) -> int:
 def tensor_bytes(module) -> int:
     """Bytes of a module's parameters and buffers as stored (packed 4-bit weights count as packed)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights are (its first parameter's device; a model is loaded onto one device)."""
+    return next(model.parameters()).device
+
+
+def to_model(batch: Any, model) -> dict[str, Any]:
+    """``batch`` moved to ``model``'s device, its floating tensors (pixel values) in the model's dtype.
+
+    Every forward and ``generate`` in medcomp gets its inputs through here: inputs left on the CPU
+    beside a CUDA model, or fp32 pixels fed to an fp16 tower, fail only on the real machine.
+    """
+    device, dtype = model_device(model), model.dtype
+    return {key: (value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)) if isinstance(value, torch.Tensor) else value
+            for key, value in dict(batch).items()}
+
+
+def serving_dtype(kind: str | None, dtype: str, device: str) -> str:
+    """The dtype a variant of format ``kind`` is served in: ``dtype``, except AWQ/RTN checkpoints on the
+    CPU, whose int4 kernel (GPTQModel's ``torch_fused_awq``) takes bf16 or fp32 activations, never fp16."""
+    if kind in ("awq", "rtn", "adapter-on-quantized") and str(device).startswith("cpu") and dtype == "float16":
+        return "float32"
+    return dtype
+
+
+def release_accelerator_memory() -> None:
+    """Collect garbage and hand cached CUDA blocks back, so a child process (GPTQModel) or the next
+    model finds the GPU free."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(device: str) -> str:
@@ -181,6 +225,8 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
 
     import_gptqmodel_quietly()
     config = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if config.get("quant_method") == "awq":
+        dtype = serving_dtype("awq", dtype, str(device))
     kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": {"": device}}
     if config.get("quant_method") == "awq" and device == "cpu":
         kwargs["quantization_config"] = AwqConfig(bits=config["bits"], group_size=config["group_size"], backend="torch_fused_awq",
@@ -230,13 +276,13 @@ def find_linear(layer, name: str, unwrap: bool = True):
     return None
 
 
-def load_qlora_deployment(base_source: str, adapter_dir: str | Path, compute_dtype: str = "float32"):
+def load_qlora_deployment(base_source: str, adapter_dir: str | Path, compute_dtype: str = "float32", device: str = "cpu"):
     """QLoRA as deployed: the base in nf4 exactly as it was trained on, plus the adapter, unmerged and
     in full precision. The finetune never passes through a rounding (see ``finetune_survival``)."""
     from peft import PeftModel
 
     import_gptqmodel_quietly()
-    base = load_llava(base_source, dtype=compute_dtype, quantization_config=bnb_4bit_config(compute_dtype, FULL_PRECISION_MODULES))
+    base = load_llava(base_source, dtype=compute_dtype, device=device, quantization_config=bnb_4bit_config(compute_dtype, FULL_PRECISION_MODULES))
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     assert_decoder_quantized(model)
     return model
@@ -249,10 +295,12 @@ def decoder_bytes(model) -> int:
 
 def load_variant(variant, dtype: str = "float32", device: str = "cpu"):
     """Load any registered variant the way it is served: full precision, AWQ/RTN GEMM, bnb nf4, or
-    the QLoRA deployment (nf4 base + unmerged adapter)."""
+    the QLoRA deployment (nf4 base + unmerged adapter); every kind onto ``device``, in the dtype it is
+    served in there (``serving_dtype``)."""
     kind = variant.extra.get("format")
+    dtype = serving_dtype(kind, dtype, device)
     if kind == "qlora":
-        return load_qlora_deployment(variant.extra["sft_base"], variant.path, dtype)
+        return load_qlora_deployment(variant.extra["sft_base"], variant.path, dtype, device)
     if kind == "adapter-on-quantized":
         from peft import PeftModel
 

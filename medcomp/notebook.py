@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medcomp import plan
 from medcomp.params import Params, default_params_name, load_params
 from medcomp.runs import Run, write_manifest
 
@@ -42,7 +43,7 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
     import torch
     from transformers import set_seed
 
-    params = load_params(default_params_name() if params_file == "auto" else params_file, overrides)
+    params = plan.with_batch_sizes(load_params(default_params_name() if params_file == "auto" else params_file, overrides))
     quiet_libraries()
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)
@@ -64,4 +65,9 @@ def open_stage(stage: str, params_file: str | Path = "auto", run_dir: str | Path
     display(Markdown(f"**{stage}** · run `{params.run_name}` · world **{params.world}** · model `{params.model.id}` · data `{params.data.root}`"))
     if params.world == "embedded":
         display(Markdown(world_note or EMBEDDED_NOTE))
+    shape = plan.shape_for_params(params)
+    if shape is not None:  # the real model's (or a local checkpoint's) config is known: show the T4 plan
+        table = plan.plans_table([p for p in plan.stage_plans(params, shape) if p.stage == stage])
+        display(Markdown(f"**T4 plan for this stage** (estimated from the model's config before it runs; budget {plan.T4_BUDGET_GIB} GiB):"))
+        display(table)
     return params, run

@@ -7,7 +7,7 @@ A params file chooses the world (model, data, judge); the code path is the same 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -122,9 +122,13 @@ class FinetuneParams(Strict):
     save_steps: int = Field(100, ge=1, description="checkpoint interval; an interrupted run resumes from the last one")
 
 
+
+BatchSize = Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
+
+
 class EvaluationParams(Strict):
     max_new_tokens: int = Field(64, ge=1, le=2048)
-    batch_size: int = Field(16, ge=1, le=512)
+    batch_size: BatchSize = Field(16, description="generation batch; 'auto': the largest the T4 plan fits (medcomp.plan)")
     sample_answers: int = Field(6, ge=0, le=1000)
 
 
@@ -136,7 +140,7 @@ class ImportanceParams(Strict):
 
     calibration_size: int = Field(16, ge=1, le=10000, description="training conversations sampled (seeded)")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length of the sweep's generations")
-    batch_size: int = Field(16, ge=1, le=512)
+    batch_size: BatchSize = Field(16, description="generation batch; 'auto': the largest the T4 plan fits (medcomp.plan)")
     protect_first: int = Field(2, ge=0, le=64, description="first blocks never pruned (paper: blocks 1 and 2)")
     protect_last: int = Field(1, ge=0, le=64, description="last blocks never pruned (paper: block 32)")
     sentence_model: str = Field("packaged", min_length=1, description="'packaged' (offline copy) or a hub id of all-MiniLM-L6-v2")
@@ -332,15 +336,22 @@ def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _describe(error: ValidationError, source: str) -> str:
+    """One line per wrong key: its dotted name, what is allowed, what was given. A union's branches
+    (``batch_size``: a number or 'auto') are reported as one line, not one per branch."""
     lines = [f"invalid params in {source}:"]
+    by_key: dict[str, list[dict[str, Any]]] = {}
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        # pydantic names a union's branches in the location (constrained-int, literal['auto']): not keys
+        parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and ("[" in part or "-" in part))]
+        by_key.setdefault(".".join(parts) or "(top level)", []).append(item)
+    for key, items in by_key.items():
+        item = items[0]
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
         elif "api_key" in key:  # someone may have pasted the key itself: never echo it into a log
             lines.append(f"  {key}: must be the NAME of an environment variable (letters, digits, _), never the key itself; value not shown")
         else:
-            lines.append(f"  {key}: {item['msg']}; got {item.get('input')!r}")
+            lines.append(f"  {key}: {' or '.join(dict.fromkeys(i['msg'] for i in items))}; got {item.get('input')!r}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from medcomp.calibration import check_finite_activations, describe_conversation, with_images_loaded
 from medcomp.files import atomic_directory, atomic_write_json
-from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly, load_llava, load_processor
+from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly, load_llava, load_processor, release_accelerator_memory
 
 
 RECORD = "quantization.json"
@@ -134,9 +134,9 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
              device: str = "cpu") -> QuantizedCheckpoint:
     """Quantize ``source`` into ``target`` by ``method`` unless ``target`` already holds exactly that
     (same method, group size, calibration and source checkpoint): an interrupted stage resumes."""
-    record = {"method": method, "group_size": group_size, "source": str(source), "source_identity": [list(i) for i in checkpoint_identity(source)],
+    record = {"method": method, "group_size": group_size, "source_identity": [list(i) for i in checkpoint_identity(source)],
               "calibration": [describe_conversation(c) for c in conversations] if method == "awq" else []}
-    saved = Path(target) / RECORD
+    saved = Path(target) / RECORD  # the source by identity, not path: a moved run folder still matches
     if saved.exists():
         previous = json.loads(saved.read_text())
         if {k: previous.get(k) for k in record} == record:
@@ -145,7 +145,8 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
         seconds = quantize_bnb(source, Path(target), compute_dtype)
     elif method in QUANTIZERS:
         if method == "awq":
-            check_finite_activations(source, conversations, compute_dtype)
+            check_finite_activations(source, conversations, compute_dtype, device)
+        release_accelerator_memory()  # the child needs the GPU this process may still hold
         seconds = _quantize_in_child(method, source, Path(target), conversations, group_size, device)
     else:
         raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, bnb")

@@ -193,6 +193,7 @@ def run_pipeline(
     write_manifest(run_dir, params, {"params_file": str(params_path)})
     shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
+    write_index(run_dir, params, [])  # the forecast shows before any stage runs
     outcomes: list[StageOutcome] = []
     upstream: dict[str, str | None] = {}  # execution token of every earlier stage
     failed = False
@@ -256,6 +257,9 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
     )
     total = sum(o.seconds for o in outcomes if o.status in ("ok", "failed"))
     headlines = "".join(run.headline(o.stage) for o in outcomes if o.status in ("ok", "reused", "stale"))
+    from medcomp.plan import forecast_html
+
+    forecast = forecast_html(params)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>medcomp run {html.escape(params.run_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}}tr.failed{{background:#fdd}}
@@ -267,6 +271,7 @@ tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}p
 <p>Executed this time: {total:.0f} s. <a href="manifest.json">manifest.json</a> (params, git commit, packages, hardware),
 <a href="registry.json">registry.json</a> (model variants and answers).</p>
 {headlines}
+{forecast}
 <h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>status</th><th>duration</th><th>key figures</th></tr>
 {''.join(rows)}</table></body></html>

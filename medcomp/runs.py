@@ -121,6 +121,16 @@ class Run:
         """Key figures of a stage, shown on the run's index page."""
         atomic_write_json(self.stage_dir(stage) / "summary.json", summary)
 
+    def save_table(self, stage: str, name: str, frame: Any) -> Path:
+        """A stage's table as data (``stages/<stage>/tables/<name>.csv``), beside its rendering in the report."""
+        path = self.stage_dir(stage) / "tables" / f"{name}.csv"
+        atomic_write_text(path, frame.to_csv())
+        return path
+
+    def save_tables(self, stage: str, frames: dict[str, Any]) -> list[Path]:
+        """``save_table`` for each titled frame, named by the title's head ("Table 1 · ..." -> table_1.csv)."""
+        return [self.save_table(stage, title.split(" ·")[0].strip().lower().replace(" ", "_"), frame) for title, frame in frames.items()]
+
     def write_headline(self, stage: str, html_fragment: str) -> None:
         """An HTML fragment the run's index page shows above its list of notebooks."""
         atomic_write_text(self.stage_dir(stage) / "headline.html", html_fragment)

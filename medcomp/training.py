@@ -114,7 +114,10 @@ def _checkpoints_for(output_dir: Path, setup: list[Any], examples: Sequence[VQAE
     """
     import shutil
 
-    fingerprint = content_hash([*setup, params.model_dump(mode="json"), [(e.image, repr(e.messages())) for e in examples]], 64)
+    # what changes the training: not how often it logs or saves (changing those must not wipe the checkpoints)
+    settings = params.model_dump(mode="json", exclude={"logging_steps", "save_steps"})
+    examples_key = [(Path(e.image).parent.name, Path(e.image).name, repr(e.messages())) for e in examples]  # not the data root's path
+    fingerprint = content_hash([*setup, settings, examples_key], 64)
     checkpoints = output_dir / "checkpoints"
     marker = checkpoints / "setup.sha256"
     if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != fingerprint):
@@ -226,7 +229,7 @@ def finetune(
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
     result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
-                  [source, checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter")
+                  [checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter")
     merged_dir = merge_adapter(source, result.adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
     return replace(result, merged_dir=merged_dir)
 
@@ -253,7 +256,7 @@ def finetune_on_quantized(
         parameter.requires_grad_(False)
     model = get_peft_model(base, lora_config(params))
     result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
-                  [quantized_source, checkpoint_identity(quantized_source), "quantized", seed], device, seed, output_dir / "adapter")
+                  [checkpoint_identity(quantized_source), "quantized", seed], device, seed, output_dir / "adapter")
     return replace(result, merged_dir=Path(quantized_source))
 
 
@@ -287,7 +290,7 @@ def train_modules_only(
         parameter.requires_grad_(name.startswith(trained_prefixes))
     if params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    result = _fit(model, processor, train_examples, params, output_dir, [source, model_dtype, seed, "modules"], device, seed,
+    result = _fit(model, processor, train_examples, params, output_dir, [checkpoint_identity(source), model_dtype, seed, "modules"], device, seed,
                   target_dir or output_dir / "merged")
     return replace(result, adapter_dir=None)
 

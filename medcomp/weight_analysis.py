@@ -20,11 +20,18 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def _device_of(linear) -> torch.device:
+    base = getattr(linear, "base_layer", linear)
+    return next(iter([*base.parameters(), *base.buffers()])).device
+
+
 @torch.no_grad()
-def effective_weight(linear) -> torch.Tensor:
+def effective_weight(linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight a (quantized) linear applies, as a float32 ``[out, in]`` matrix: its output on the
-    identity minus its bias. The same probe serves bitsandbytes, GPTQModel, LoRA-wrapped and plain layers."""
-    out = linear(torch.eye(linear.in_features)).float()
+    identity minus its bias. The same probe serves bitsandbytes, GPTQModel, LoRA-wrapped and plain layers.
+    The identity is built on the layer's device in ``dtype``, the dtype the model computes in."""
+    device = _device_of(linear)
+    out = linear(torch.eye(linear.in_features, device=device, dtype=dtype)).float().cpu()
     bias = getattr(linear, "bias", None)
     if bias is not None:
         out = out - bias.float()
@@ -38,19 +45,19 @@ def _input_scale(quantized_layer, reference_layer, name: str) -> torch.Tensor | 
             "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}.get(name)
     if norm is None:
         return None
-    old, new = getattr(reference_layer, norm).weight.detach().float(), getattr(quantized_layer, norm).weight.detach().float()
+    old, new = getattr(reference_layer, norm).weight.detach().float().cpu(), getattr(quantized_layer, norm).weight.detach().float().cpu()
     scale = old / new
     return None if torch.allclose(scale, torch.ones_like(scale)) else scale
 
 
 @torch.no_grad()
-def _scaled_away(layer, reference_layer) -> set[str]:
+def _scaled_away(layer, reference_layer, dtype: torch.dtype) -> set[str]:
     """Linears whose output rows AWQ rescaled to absorb the next linear's scale (``up_proj`` for
     ``down_proj``, ``v_proj`` for ``o_proj``): their weights cannot be compared one to one."""
     skipped = set()
     for producer, consumer, norm_fed in (("up_proj", "down_proj", "post_attention_layernorm"), ("v_proj", "o_proj", "input_layernorm")):
-        weight = effective_weight(find_linear(layer, consumer))
-        reference = find_linear(reference_layer, consumer).weight.detach().float()
+        weight = effective_weight(find_linear(layer, consumer), dtype)
+        reference = find_linear(reference_layer, consumer).weight.detach().float().cpu()
         # a consumer whose columns were scaled differs from its reference by far more than rounding
         if float((weight - reference).norm() / reference.norm()) > 0.5:
             skipped |= {producer, consumer}
@@ -66,15 +73,15 @@ def weight_comparisons(model, reference, layers: Sequence[int] | None = None) ->
     for index, (layer, ref_layer) in enumerate(zip(decoder_layers(model), decoder_layers(reference))):
         if layers is not None and index not in layers:
             continue
-        skipped = _scaled_away(layer, ref_layer)
+        skipped = _scaled_away(layer, ref_layer, model.dtype)
         for name in DECODER_LINEARS:
             if name in skipped:
                 continue
-            weight = effective_weight(find_linear(layer, name, unwrap=False))
+            weight = effective_weight(find_linear(layer, name, unwrap=False), model.dtype)
             scale = _input_scale(layer, ref_layer, name)
             if scale is not None:
                 weight = weight / scale
-            rows.append({"layer": index, "linear": name, "weight": weight, "reference": find_linear(ref_layer, name).weight.detach().float()})
+            rows.append({"layer": index, "linear": name, "weight": weight, "reference": find_linear(ref_layer, name).weight.detach().float().cpu()})
     return rows
 
 

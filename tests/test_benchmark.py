@@ -16,7 +16,7 @@ def example(synthetic_root):
 
 def test_the_clock_forces_the_token_count_and_splits_prefill_from_decode(tiny_embedded_model, example):
     model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
-    inputs = benchmark.model_inputs(processor, example, model.dtype, "cpu")
+    inputs = benchmark.model_inputs(processor, example, model)
     clock = benchmark.StepClock()
     output = benchmark.decode(model, inputs, 7, clock)
     assert output.shape[1] - inputs["input_ids"].shape[1] == 7
@@ -26,7 +26,7 @@ def test_the_clock_forces_the_token_count_and_splits_prefill_from_decode(tiny_em
 
 def test_hooks_split_a_decode_step_into_layers_lm_head_and_the_rest(tiny_embedded_model, example):
     model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
-    inputs = benchmark.model_inputs(processor, example, model.dtype, "cpu")
+    inputs = benchmark.model_inputs(processor, example, model)
     clock = benchmark.StepClock()
     split = benchmark.TimeSplit(model, clock)
     benchmark.decode(model, inputs, 6, clock)

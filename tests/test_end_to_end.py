@@ -114,20 +114,70 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
 
 
-def test_real_scale_path_on_a_llava15_shaped_standin(tmp_path, cache, tiny_llava15_standin, synthetic_root):
-    """kaggle_t4.yaml with only the model id and data root changed: fp16, nf4, LoRA only, checkpointing.
+def _numbers(cell: str) -> list[float]:
+    import re
 
-    01-03 only: the preset's recovery levels (7 and 9 of 32 blocks) need more removable blocks than
-    the 4-layer stand-in has (1); 04 and 05 are covered by the embedded run above."""
-    params = write_params(tmp_path / "t4.yaml", "kaggle_t4", {"model": {"id": str(tiny_llava15_standin)}, "data": {"root": str(synthetic_root)}})
-    run_dir = tmp_path / "run"
-    result = run_cli("run", str(params), "--run-dir", str(run_dir), "--only", "01_finetune", "02_layer_importance", "03_prune", cache=cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    variant = Run(run_dir).variant("finetuned")
-    config = json.loads((Path(variant.path) / "config.json").read_text())
-    assert config["vision_feature_layer"] == -2 and config["text_config"]["model_type"] == "llama"
-    adapter = json.loads((run_dir / "stages" / "01_finetune" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and adapter["lora_alpha"] == 32 and not adapter["modules_to_save"]
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", str(cell))]
+
+
+def test_kaggle_t4_runs_01_to_07_on_a_32_layer_fp16_standin(tmp_path, cache, synthetic_root):
+    """The real path end to end: LLaVA-1.5-7B's depth (32 layers), fp16, its template and vision
+    reading, every quantized dimension a multiple of 64; 07 through the openai backend against a fake
+    server on loopback, the key from the environment."""
+    import pandas as pd
+
+    from medcomp.rehearsal import LoopbackJudge, write_standin_params
+    from medcomp.standin import build_llava15_standin
+
+    standin = build_llava15_standin(tmp_path / "standin")
+    with LoopbackJudge() as server:
+        params = write_standin_params(tmp_path / "t4.yaml", standin, synthetic_root, server.url, device="cpu")
+        run_dir = tmp_path / "run"
+        result = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    variants = Run(run_dir).variants()
+    assert variants["finetuned"].bits == 16 and not variants["finetuned"].layers_removed
+    expected_removed = {"pruned-2": 2, "pruned-4": 4, "pruned-7": 7, "pruned-8": 8, "pruned-9": 9, "pruned-10": 10, "pruned-7-magnitude": 7,
+                        "recovered-7": 7, "recovered-9": 9, "recovered-7-magnitude": 7}
+    for name, removed in expected_removed.items():
+        config = json.loads((Path(variants[name].path) / "config.json").read_text())
+        assert len(variants[name].layers_removed) == removed and config["text_config"]["num_hidden_layers"] == 32 - removed, name
+    four_bit = {"finetuned-awq", "finetuned-bnb", "pruned-7-awq", "recovered-7-awq", "recovered-7-bnb", "recovered-7-rtn", "recovered-9-awq",
+                "recovered-9-bnb", "recovered-7-magnitude-awq", "finetuned-qlora", "recovered-7-qlora", "pruned-7-awq-sft"}
+    assert four_bit <= set(variants) and all(variants[name].bits == 4 for name in four_bit)
+
+    measured = json.loads((run_dir / "stages" / "06_benchmark" / "benchmark.json").read_text())["measurements"]
+    by_name = {m["variant"]: m for m in measured}
+    assert set(by_name) == set(variants), "06 measures every variant"
+    assert all(m["decode_ms"] and min(m["decode_ms"]) > 0 and m["model_bytes"] > 0 for m in measured)
+    for name in four_bit - {"finetuned-qlora", "recovered-7-qlora", "pruned-7-awq-sft"}:
+        assert by_name[name]["decoder_bytes"] < 0.35 * by_name["finetuned"]["decoder_bytes"], name  # 4-bit, scales included
+
+    tables = run_dir / "stages" / "07_judge" / "tables"
+    scores = pd.read_csv(tables / "scores.csv", index_col=0)
+    assert set(scores.index) == {name for name in variants if Run(run_dir).has_answers(name)}
+    assert (scores["failed"] == 0).all() and (scores["invalid"] == 0).all()
+    assert scores["score"].between(25, 100).all() and (scores["95% CI low"] <= scores["score"]).all() and (scores["score"] <= scores["95% CI high"]).all()
+    for number in range(1, 6):
+        table = pd.read_csv(tables / f"table_{number}.csv", index_col=0)
+        cells = [v for column in table.columns if column.endswith("score [95% CI]") for v in table[column] if v != "—"]
+        assert cells, f"Table {number} has no scores"
+        for cell in cells:
+            score, low, high = _numbers(cell)
+            assert 25 <= low <= score <= high <= 100, (number, cell)
+    verdicts = pd.read_csv(tables / "verdicts.csv", index_col=0)
+    assert len(verdicts) == 6 and set(verdicts["verdict"]) <= {"holds", "does not hold", "within noise"}
+
+    judgements = [json.loads(line) for line in (run_dir / "stages" / "07_judge" / "judgements.jsonl").read_text().splitlines()]
+    assert judgements and all(j["judge"].startswith("openai:") for j in judgements)
+    assert len(server.requests) == len(judgements)  # each distinct answer asked once
+    assert all(r["headers"].get("authorization") == f"Bearer {SECRET}" for r in server.requests)
+    for written in run_dir.rglob("*"):
+        if written.is_file() and written.suffix in {".html", ".ipynb", ".json", ".jsonl", ".csv", ".txt", ".log", ".md"}:
+            assert SECRET not in written.read_text(errors="ignore"), f"the API key leaked into {written}"
+    index = (run_dir / "index.html").read_text()
+    assert "Forecast for a Kaggle T4" in index and index.count(">ok<") == 7
 
 
 def test_bad_params_fail_before_any_work(tmp_path, cache):

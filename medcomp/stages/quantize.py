@@ -82,7 +82,7 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
         run.save_answers(step.name, answers)
     survival = None
     if "adapter" in source.extra:
-        merged = load_llava(source.path, dtype="float32")
+        merged = load_llava(source.path, dtype=dtype, device="cpu")  # the reference stays off the GPU, in the run's dtype (no fp32 7B)
         survival = finetune_survival(model, merged, source.extra["adapter"], group_size)
         del merged
     result = {"variant": step.name, "source": source.name, "method": step.method, "role": step.role, "fraction": source.extra.get("fraction"),

@@ -1,0 +1,135 @@
+"""Rehearse the Kaggle T4 path: ``kaggle_t4.yaml`` end to end on the 32-layer fp16 stand-in.
+
+Only ids, paths and sizes change from the preset (``STANDIN_SIZES``: fewer test images, steps and
+tokens). 07 runs the ``openai`` backend against ``LoopbackJudge``, an OpenAI-compatible server on
+127.0.0.1 whose rating follows the answer's overlap with the reference, so the key path (a key read
+from the environment, sent as a header, written nowhere) is exercised for real. CI runs it on the CPU
+(``tests/test_end_to_end.py``); ``scripts/gpu_rehearsal.sh`` runs it on any CUDA machine and prints
+each stage's peak CUDA memory beside the plan's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medcomp.params import PRESETS_DIR, merge_overrides
+
+STANDIN_SIZES: dict[str, Any] = {
+    "run_name": "t4-standin",
+    "data": {"test_images": 6},
+    "finetune": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 50},
+    "evaluation": {"max_new_tokens": 6, "sample_answers": 2},
+    "importance": {"calibration_size": 3, "max_new_tokens": 3},
+    "recovery": {"finetune": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 50}},
+    "quantization": {"calibration_size": 2},
+    "benchmark": {"new_tokens": 3, "repeats": 1},
+    "judge": {"concurrency": 4, "timeout_seconds": 30, "bootstrap_samples": 200},
+}
+
+
+def rating_by_overlap(user_message: str) -> int:
+    """4 when the answer shares a word with the reference, else 1: ratings that differ between variants."""
+    answer = user_message.split("Answer:", 1)[1].split("\nReference:", 1)[0].lower().split()
+    reference = user_message.split("Reference:", 1)[1].lower().split()
+    return 4 if set(answer) & set(reference) else 1
+
+
+class LoopbackJudge:
+    """An OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 (a free port); records each request's
+    headers. ``with LoopbackJudge() as judge: ... judge.url``."""
+
+    def __init__(self):
+        self.requests: list[dict[str, Any]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}})
+                rating = rating_by_overlap(body["messages"][-1]["content"])
+                reply = {"id": "r", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": json.dumps({"Evaluation": "loopback", "Rating": rating})}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> "LoopbackJudge":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_standin_params(target: Path, standin: Path, data_root: Path, judge_url: str, device: str = "auto", extra: dict | None = None) -> Path:
+    """``kaggle_t4.yaml`` with the stand-in's path, the data root, the judge's URL, the device and the sizes changed."""
+    raw = yaml.safe_load((PRESETS_DIR / "kaggle_t4.yaml").read_text())
+    overrides = merge_overrides(STANDIN_SIZES, {"model": {"id": str(standin), "device": device}, "data": {"root": str(data_root)},
+                                                "judge": {"base_url": judge_url}})
+    target.write_text(yaml.safe_dump(merge_overrides(merge_overrides(raw, overrides), extra or {})))
+    return target
+
+
+def peaks_beside_plan(run_dir: Path, params) -> "pd.DataFrame":  # noqa: F821
+    """Each stage's planned peak (the stand-in's own config) beside the peak its notebook measured."""
+    import pandas as pd
+
+    from medcomp import plan
+    from medcomp.runs import Run
+
+    run = Run(run_dir)
+    shape = plan.shape_for_params(params)
+    rows = []
+    for stage_plan in plan.stage_plans(params, shape):
+        measured = run.summary(stage_plan.stage)
+        rows.append({"stage": stage_plan.stage, "step": stage_plan.step, "planned peak (GiB)": round(stage_plan.peak_bytes / plan.GIB, 3),
+                     "measured peak GPU memory (GiB)": measured.get("peak GPU memory (GiB)", "—"),
+                     "measured peak RAM (GiB)": measured.get("peak RAM (GiB)", "—")})
+    return pd.DataFrame(rows).set_index(["stage", "step"])
+
+
+def rehearse(work_dir: Path, device: str = "auto") -> int:
+    """Build the stand-in and its data in ``work_dir``, run all seven stages, print peaks beside the plan."""
+    import os
+    import time
+
+    from medcomp.params import load_params
+    from medcomp.runner import run_pipeline
+    from medcomp.standin import build_llava15_standin
+    from medcomp.synthetic import generate_dermnet_like
+
+    work_dir = Path(work_dir)
+    standin = work_dir / "standin"
+    if not (standin / "config.json").exists():
+        build_llava15_standin(standin)
+    data = work_dir / "dermnet"
+    if not (data / "train").exists():
+        generate_dermnet_like(data, train_per_disease=3, test_per_disease=2, image_size=32, seed=1)
+    os.environ.setdefault("OPENAI_API_KEY", "rehearsal-key-not-a-secret")
+    started = time.perf_counter()
+    with LoopbackJudge() as judge:
+        params_path = write_standin_params(work_dir / "t4-standin.yaml", standin, data, judge.url, device)
+        outcomes = run_pipeline(params_path, run_dir=work_dir / "run")
+    print(peaks_beside_plan(work_dir / "run", load_params(params_path)).to_string())
+    print(f"[rehearsal] {sum(o.status == 'ok' for o in outcomes)} of {len(outcomes)} stages ok in {time.perf_counter() - started:.0f} s; "
+          f"reports in {work_dir / 'run'}")
+    return 0 if all(o.status in ("ok", "reused") for o in outcomes) else 1

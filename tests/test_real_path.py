@@ -1,0 +1,177 @@
+"""The Kaggle T4 path's crash sites, each shown on the CPU, and the T4 plan checked against real tensors.
+
+Each test here fails without its fix: a CPU can show a dtype mismatch, an fp16 overflow, a tensor
+limit or a device argument that was dropped, even where only a GPU would have crashed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medcomp import calibration, evaluation, importance, loading, plan, weight_analysis
+from medcomp.data import build_conversations, scan_dermnet, select_split
+from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES
+from medcomp.params import load_params
+
+
+@pytest.fixture(scope="module")
+def fp16_standin(tmp_path_factory):
+    """LLaVA-1.5-7B's architecture at 4 of its 32 layers (the depth does not matter here), fp16."""
+    from medcomp.standin import build_llava15_standin
+
+    return build_llava15_standin(tmp_path_factory.mktemp("models") / "standin-4", layers=4)
+
+
+@pytest.fixture(scope="module")
+def examples(synthetic_root):
+    scan = scan_dermnet(synthetic_root, tuple(d.slug for d in DISEASES), DERMNET_FOLDER_RULES)
+    return build_conversations(select_split(scan.images, "train"))
+
+
+def test_magnitude_scores_accumulate_fp16_weights_in_fp32():
+    block = torch.nn.Linear(256, 256, bias=False).half()
+    torch.nn.init.constant_(block.weight, 2.0)  # |W| sums to 131,072: past fp16's 65,504
+    model = type("M", (), {})()
+    layers = torch.nn.ModuleList([block, torch.nn.Linear(256, 256, bias=False).half()])
+    torch.nn.init.constant_(layers[1].weight, 1.0)
+    model.model = type("Inner", (), {"language_model": type("LM", (), {"layers": layers})()})()
+    scores = importance.magnitude_scores(model, [0, 1])
+    assert scores[0] == pytest.approx(131072.0) and scores[1] == pytest.approx(65536.0)
+    assert importance.ranking(scores, higher_is_less_important=False) == [1, 0]
+
+
+def test_forward_only_criteria_move_cpu_batches_to_an_fp16_model(fp16_standin, examples):
+    model = loading.load_llava(str(fp16_standin), dtype="float16")
+    processor = loading.load_processor(str(fp16_standin))
+    calibration_set = examples[:2]
+    batches = importance.teacher_forced_batches(processor, calibration_set, 2)
+    assert batches[0]["pixel_values"].dtype == torch.float32  # as the processor gives them
+    influence = importance.block_influence(model, processor, calibration_set, [1, 2], batches=batches)
+    perplexity = importance.reference_perplexity(model, processor, calibration_set, batches=batches)
+    assert influence.notna().all() and perplexity > 1
+
+
+def test_to_model_puts_floats_in_the_models_dtype_and_keeps_ids_whole(fp16_standin):
+    model = loading.load_llava(str(fp16_standin), dtype="float16")
+    moved = loading.to_model({"pixel_values": torch.zeros(1, 3, 2, 2), "input_ids": torch.ones(1, 3, dtype=torch.long), "answer_span": 3}, model)
+    assert moved["pixel_values"].dtype == torch.float16 and moved["input_ids"].dtype == torch.long and moved["answer_span"] == 3
+
+
+def test_effective_weight_probes_an_fp16_layer_in_its_own_dtype():
+    layer = torch.nn.Linear(64, 32).half()
+    weight = weight_analysis.effective_weight(layer, torch.float16)
+    assert weight.dtype == torch.float32 and weight.device.type == "cpu"
+    torch.testing.assert_close(weight, layer.weight.float(), atol=2e-3, rtol=1e-2)
+
+
+def test_figure_4_capture_is_sampled_on_the_cpu_and_quantile_works(tiny_embedded_model, synthetic_root):
+    scan = scan_dermnet(synthetic_root, tuple(d.slug for d in DISEASES), DERMNET_FOLDER_RULES)
+    conversations = calibration.calibration_conversations(build_conversations(select_split(scan.images, "train")), 3, seed=0)
+    model = loading.load_llava(str(tiny_embedded_model))
+    processor = loading.load_processor(str(tiny_embedded_model))
+    whole = calibration.calibration_activations(model, processor, conversations, 1)
+    sampled = calibration.calibration_activations(model, processor, conversations, 1, max_values=600)
+    assert whole["values seen"] == whole["q_proj_output"].numel() == sampled["values seen"]
+    assert sampled["q_proj_output"].numel() <= 600 < whole["q_proj_output"].numel()
+    assert sampled["q_proj_output"].device.type == "cpu" and sampled["q_proj_output"].dtype == torch.float32
+    torch.testing.assert_close(sampled["input_channel_magnitude"], whole["input_channel_magnitude"])
+    # 7B: 64 conversations x ~650 tokens x 4096 = 170 M values; older torch refuses quantile past 2^24 values
+    rows = torch.arange(2**24 + 64, dtype=torch.float32).reshape(-1, 64)
+    kept = calibration.evenly_spaced_rows(rows, 2**24)
+    assert kept.numel() <= 2**24 and kept[0, 0] == 0 and kept.quantile(0.5) == pytest.approx(rows.quantile(0.5).item(), rel=1e-3)
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_every_variant_kind_loads_onto_the_configured_device(monkeypatch):
+    """The QLoRA deployment used to ignore the device: on a T4 it answered on the CPU for hours."""
+    from medcomp.runs import Variant
+
+    seen = []
+
+    def fake_load_llava(source, dtype="float32", device="cpu", quantization_config=None):
+        seen.append((source, dtype, device))
+        raise _Loaded
+
+    monkeypatch.setattr(loading, "load_llava", fake_load_llava)
+    monkeypatch.setattr(loading, "load_quantized", lambda path, device="cpu", dtype="float32": fake_load_llava(path, dtype, device))
+    for kind in ("qlora", "adapter-on-quantized", "awq", "bnb", None):
+        variant = Variant(name="v", stage="s", path="/v", parent=None, extra={"format": kind, "sft_base": "/base", "quantized_base": "/q"})
+        with pytest.raises(_Loaded):
+            loading.load_variant(variant, "float16", "cuda")
+    assert [device for _, _, device in seen] == ["cuda"] * 5
+    assert all(dtype == "float16" for _, dtype, _ in seen)
+
+
+def test_int4_cpu_kernel_gets_fp32_never_fp16():
+    assert loading.serving_dtype("awq", "float16", "cpu") == "float32"  # _weight_int4pack_mm_for_cpu refuses Half
+    assert loading.serving_dtype("awq", "float16", "cuda") == "float16"
+    assert loading.serving_dtype("bnb", "float16", "cpu") == "float16"
+
+
+def test_finite_check_runs_where_the_model_is_quantized(monkeypatch):
+    seen = []
+
+    def fake_load_llava(source, dtype="float32", device="cpu", quantization_config=None):
+        seen.append(device)
+        raise _Loaded
+
+    monkeypatch.setattr(calibration, "load_llava", fake_load_llava)
+    with pytest.raises(_Loaded):
+        calibration.check_finite_activations("/m", [], "float16", "cuda")
+    assert seen == ["cuda"]
+
+
+# ------------------------------------------------------------------------------------------ the T4 plan
+
+
+def test_plan_weights_are_the_bytes_of_the_model_built(fp16_standin):
+    config = json.loads((fp16_standin / "config.json").read_text())
+    shape = plan.shape_of(config)
+    model = loading.load_llava(str(fp16_standin), dtype="float16")
+    parameter_bytes = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731  (buffers: a few hundred bytes)
+    assert plan.weight_bytes(shape) == parameter_bytes(model)
+    assert plan.weight_bytes(shape, layers_removed=1) == parameter_bytes(model) - parameter_bytes(loading.decoder_layers(model)[0])
+
+
+def test_plan_kv_cache_is_the_cache_a_generate_fills(fp16_standin, examples):
+    config = json.loads((fp16_standin / "config.json").read_text())
+    shape = plan.shape_of(config)
+    model = loading.load_llava(str(fp16_standin), dtype="float16")
+    processor = loading.load_processor(str(fp16_standin))
+    texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in examples[:2]]
+    from medcomp.data import load_rgb
+
+    inputs = loading.to_model(processor(text=texts, images=[load_rgb(e.image) for e in examples[:2]], return_tensors="pt", padding=True), model)
+    output = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = output.past_key_values
+    cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    tokens = cache.get_seq_length()
+    assert tokens == inputs["input_ids"].shape[1] + 4  # the last new token is never fed back
+    assert plan.kv_cache_bytes(shape, 2, tokens) == cached
+
+
+def test_every_kaggle_t4_stage_plans_within_a_t4():
+    params = plan.with_batch_sizes(load_params("kaggle_t4"))
+    shape = plan.shape_of(plan.real_config())
+    assert shape.parameters() == pytest.approx(7.06e9, rel=0.01) and shape.image_tokens == 576
+    assert plan.weight_bytes(shape) / plan.GIB == pytest.approx(13.16, abs=0.01)
+    plans = plan.stage_plans(params, shape)
+    assert {p.stage for p in plans} == {f"0{i}_{s}" for i, s in enumerate(
+        ["finetune", "layer_importance", "prune", "sft_pruned", "quantize", "benchmark", "judge"], start=1)}
+    over = [(p.stage, p.step, round(p.peak_bytes / plan.GIB, 2)) for p in plans if not p.fits()]
+    assert not over, over
+    assert params.evaluation.batch_size == plan.auto_batch_size(shape, params.evaluation.max_new_tokens) < 8  # batch 8 would need 16.6 GiB
+
+
+def test_auto_batch_is_the_largest_that_fits():
+    shape = plan.shape_of(plan.real_config())
+    batch = plan.auto_batch_size(shape, 128)
+    fits = lambda b: sum(plan.generation_plan(shape, b, 128).values()) <= plan.T4_BUDGET_GIB * plan.GIB  # noqa: E731
+    assert fits(batch) and not fits(batch + 1)
+    assert plan.auto_batch_size(shape, 128, bits=4) > batch  # 4-bit weights leave room for more
