@@ -12,7 +12,6 @@ quantized or pruned). The tokenizer is SmolLM2's, the only one reachable offline
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,9 @@ import torch
 
 from medcomp.embedded import assemble_llava, smollm2_tokenizer
 from medcomp.files import atomic_directory
+from medcomp.plan import REFERENCE, real_config
 
-REFERENCE = Path(__file__).resolve().parent / "reference"
-REAL_MODEL_ID = "llava-hf/llava-1.5-7b-hf"
 QUANTIZATION_MULTIPLE = 64  # the group size, and AWQ's clip-search batch of output rows
-
-
-def real_config() -> dict[str, Any]:
-    """``llava-hf/llava-1.5-7b-hf``'s config.json, as shipped with medcomp (no hub needed)."""
-    return json.loads((REFERENCE / "llava-1.5-7b-hf.config.json").read_text())
 
 
 def llava15_chat_template() -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -59,7 +58,10 @@ def tiny_llava15_standin(tmp_path_factory) -> Path:
 
     from medcomp.embedded import assemble_llava, smollm2_tokenizer
 
-    real = json.loads((FIXTURES / "llava-1.5-7b-hf.config.json").read_text())
+    from medcomp.plan import real_config
+    from medcomp.standin import llava15_chat_template
+
+    real = real_config()
     text, vision = real["text_config"], real["vision_config"]
     scale = 64
     vision_config = CLIPVisionConfig(
@@ -78,7 +80,7 @@ def tiny_llava15_standin(tmp_path_factory) -> Path:
         intermediate_size=text["intermediate_size"] // scale,
         rms_norm_eps=text["rms_norm_eps"],
     )
-    template = (FIXTURES / "llava-1.5-chat_template.jinja").read_text().strip()
+    template = llava15_chat_template()
     model, processor = assemble_llava(text_model, tokenizer, vision_config, template, tokenizer.eos_token)
     assert model.config.vision_feature_layer == real["vision_feature_layer"]
     assert model.config.vision_feature_select_strategy == real["vision_feature_select_strategy"]

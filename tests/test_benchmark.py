@@ -78,7 +78,9 @@ def test_paper_model_bytes_per_token_match_its_config_counted_independently():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = json.loads((Path(__file__).parent / "fixtures" / "llava-1.5-7b-hf.config.json").read_text())["text_config"]
+    from medcomp.plan import real_config
+
+    config = real_config()["text_config"]
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     linear_weights = sum(m.weight.numel() for m in decoder_layers_of(model) for m in m.modules() if isinstance(m, torch.nn.Linear))
