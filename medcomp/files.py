@@ -51,18 +51,19 @@ WRITE_ID = ".medcomp-write-id"
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, write_id: str | None = None) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block finishes.
 
-    The finished folder carries a fresh random ``WRITE_ID``: it names this write, survives a copy or a
-    move (unlike modification times), and changes whenever the folder is rewritten.
+    The finished folder carries a ``WRITE_ID``: it names this write, survives a copy or a move (unlike
+    modification times), and changes whenever the folder is rewritten. Random by default; a folder
+    rebuilt by a deterministic recipe passes the recipe's hash, so a rebuild is recognised as the same.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield staging
-        (staging / WRITE_ID).write_text(uuid.uuid4().hex)
+        (staging / WRITE_ID).write_text(write_id or uuid.uuid4().hex)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

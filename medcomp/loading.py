@@ -87,9 +87,9 @@ def load_sentence_model(model_id: str = "packaged"):
     return SentenceTransformer(sentence_model_source(model_id), device="cpu")
 
 
-def save_with_processor(model, processor, directory: Path | str) -> Path:
+def save_with_processor(model, processor, directory: Path | str, write_id: str | None = None) -> Path:
     """``save_pretrained`` model and processor together, atomically: a folder exists only when whole."""
-    with atomic_directory(Path(directory)) as staging:
+    with atomic_directory(Path(directory), write_id) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return Path(directory)
@@ -227,6 +227,10 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
     config = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     if config.get("quant_method") == "awq":
         dtype = serving_dtype("awq", dtype, str(device))
+    elif config.get("quant_method") == "bitsandbytes" and config.get("bnb_4bit_compute_dtype") in TORCH_DTYPES:
+        # a saved nf4 model keeps its full-precision modules in the dtype it was saved in: serve it in that
+        # dtype, or fp32 inputs meet fp16 norms ("mixed dtype (CPU)")
+        dtype = config["bnb_4bit_compute_dtype"]
     kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": {"": device}}
     if config.get("quant_method") == "awq" and device == "cpu":
         kwargs["quantization_config"] = AwqConfig(bits=config["bits"], group_size=config["group_size"], backend="torch_fused_awq",

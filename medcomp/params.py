@@ -273,6 +273,8 @@ class RuntimeParams(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
     cache_dir: str | None = Field(None, description="built embedded models and datasets; default $MEDCOMP_CACHE or ~/.cache/medcomp")
+    scratch_dir: str | None = Field(None, description="heavy model folders (merged, pruned, 4-bit) go here instead of the run folder; "
+                                    "those a later session lacks are rebuilt from their recipe (medcomp.stages.materialise)")
 
     def cache_path(self) -> Path:
         import os

@@ -295,9 +295,11 @@ def with_batch_sizes(params):
                                      "importance": params.importance.model_copy(update={"batch_size": importance})})
 
 
-def disk_plan(params, shape: ModelShape) -> list[tuple[str, str, int]]:
-    """(stage, what it writes, bytes): every checkpoint a run writes into its folder, as 01-05 write them
-    (full copies of merged and pruned models, 4-bit checkpoints, adapters, one Trainer checkpoint)."""
+def disk_plan(params, shape: ModelShape) -> list[tuple[str, str, int, str]]:
+    """(stage, what it writes, bytes, where): every checkpoint a run writes, as 01-05 write them. Model
+    folders go to the run folder, or to ``runtime.scratch_dir`` when set (03 then drops each pruned
+    copy once it has answered: a recipe rebuilds it); adapters and Trainer checkpoints stay in the run."""
+    models = "scratch" if params.runtime.scratch_dir else "run folder"
     from medcomp.pruning import levels_for_depth, prunable_layers
 
     removable = len(prunable_layers(shape.layers, params.importance.protect_first, params.importance.protect_last))
@@ -306,19 +308,24 @@ def disk_plan(params, shape: ModelShape) -> list[tuple[str, str, int]]:
     magnitude = dict(levels_for_depth(params.pruning.levels, shape.layers, removable)).get(params.pruning.magnitude_level, 0)
     adapter = lambda settings, removed=0: 4 * lora_parameters(shape, settings.lora.r, settings.lora.target_modules, removed)  # noqa: E731
     checkpoint = lambda settings, removed=0: 3 * adapter(settings, removed)  # noqa: E731  adapter + AdamW's two moments
-    rows = [("01_finetune", "adapter + one Trainer checkpoint", adapter(params.finetune) + checkpoint(params.finetune)),
-            ("01_finetune", "merged model (fp16)", weight_bytes(shape))]
-    rows += [("03_prune", f"pruned-{count} (fp16 copy)", weight_bytes(shape, layers_removed=count)) for count in levels]
-    if magnitude:
-        rows.append(("03_prune", f"pruned-{magnitude}-magnitude (fp16 copy)", weight_bytes(shape, layers_removed=magnitude)))
+    rows = [("01_finetune", "adapter + one Trainer checkpoint", adapter(params.finetune) + checkpoint(params.finetune), "run folder"),
+            ("01_finetune", "merged model (fp16)", weight_bytes(shape), models)]
+    pruned = [(f"pruned-{count}", count) for count in levels] + ([(f"pruned-{magnitude}-magnitude", magnitude)] if magnitude else [])
+    if params.runtime.scratch_dir:  # one pruned copy at a time; 04 rebuilds those it recovers, one at a time too
+        rows.append(("03_prune", "one pruned copy at a time (fp16)", max(weight_bytes(shape, layers_removed=c) for _, c in pruned), models))
+    else:
+        rows += [("03_prune", f"{name} (fp16 copy)", weight_bytes(shape, layers_removed=count), models) for name, count in pruned]
     for count in recovered + ([magnitude] if params.recovery.magnitude and magnitude else []):
-        rows.append(("04_sft_pruned", f"recovered from {count} removed: merged (fp16) + adapter + checkpoint",
-                     weight_bytes(shape, layers_removed=count) + adapter(params.recovery.finetune, count) + checkpoint(params.recovery.finetune, count)))
+        rows.append(("04_sft_pruned", f"recovered from {count} removed: adapter + checkpoint", adapter(params.recovery.finetune, count)
+                     + checkpoint(params.recovery.finetune, count), "run folder"))
+        rows.append(("04_sft_pruned", f"recovered from {count} removed: merged (fp16)", weight_bytes(shape, layers_removed=count), models))
+    if params.runtime.scratch_dir and recovered:  # each pruned parent rebuilt, recovered, dropped: one at a time
+        rows.append(("04_sft_pruned", "one pruned parent at a time (fp16)", weight_bytes(shape, layers_removed=min(recovered)), models))
     q = params.quantization
     cells = [(m, 0) for m in q.finetuned] + [(m, recovered[0] if recovered else 0) for m in (*q.pruned, *q.quantize_then_recover) if recovered]
     cells += [(m, count) for count in recovered for m in q.recovered] + [(m, recovered[0]) for m in q.pipeline_ablations if recovered]
     cells += [(m, magnitude) for m in q.recovered_magnitude if magnitude and params.recovery.magnitude]
-    rows += [("05_quantize", f"{method} 4-bit, {count} removed", weight_bytes(shape, 4, count, q.group_size, method="nf4" if method == "bnb" else method))
+    rows += [("05_quantize", f"{method} 4-bit, {count} removed", weight_bytes(shape, 4, count, q.group_size, method="nf4" if method == "bnb" else method), models)
              for method, count in dict.fromkeys(cells)]
     return rows
 
@@ -327,10 +334,14 @@ def disk_table(params, shape: ModelShape, limit_gib: float = KAGGLE_OUTPUT_GIB):
     """``disk_plan`` per stage, with the running total against Kaggle's output limit."""
     import pandas as pd
 
-    frame = pd.DataFrame(disk_plan(params, shape), columns=["stage", "written", "bytes"])
-    table = frame.groupby("stage", sort=False)["bytes"].sum().to_frame("GiB") / GIB
-    table["cumulative GiB"] = table["GiB"].cumsum()
-    table[f"within {limit_gib} GiB"] = table["cumulative GiB"] <= limit_gib
+    frame = pd.DataFrame(disk_plan(params, shape), columns=["stage", "written", "bytes", "where"])
+    table = frame.pivot_table(index="stage", columns="where", values="bytes", aggfunc="sum", fill_value=0, sort=False) / GIB
+    for where in ("run folder", "scratch"):
+        if where not in table:
+            table[where] = 0.0
+    table = table[["run folder", "scratch"]].rename(columns=lambda c: f"{c} GiB")
+    table["run folder cumulative GiB"] = table["run folder GiB"].cumsum()
+    table[f"run folder within {limit_gib} GiB"] = table["run folder cumulative GiB"] <= limit_gib
     return table.round(2)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from medcomp.files import atomic_write_json
+from medcomp.files import atomic_write_json, content_hash
 from medcomp.loading import checkpoint_identity, decoder_layers, load_llava, load_processor, save_with_processor
 
 
@@ -119,7 +119,8 @@ def prune_and_save(source: str, layers: Sequence[int], target: Path, dtype: str 
     """
     model = load_llava(source, dtype=dtype)
     drop_layers(model, layers)
-    save_with_processor(model, load_processor(source), target)
+    # deterministic: the same layers removed from the same checkpoint is the same checkpoint, rebuilt or not
+    save_with_processor(model, load_processor(source), target, content_hash(["prune", checkpoint_identity(source), sorted(layers), dtype], 32))
     atomic_write_json(Path(target) / "pruning.json", {"source": str(source), "source_identity": checkpoint_identity(source),
                                                        "layers_removed": sorted(layers)})
     return Path(target)

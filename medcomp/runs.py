@@ -42,16 +42,31 @@ class Variant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Run:
-    """Folder layout: ``<run>/registry.json``, ``<run>/answers/<variant>.jsonl``, ``<run>/stages/<stage>/``."""
+# Variant.extra keys that hold paths: stored run-relative like Variant.path.
+PATH_KEYS = ("adapter", "sft_base", "quantized_base")
 
-    def __init__(self, directory: Path | str):
+
+class Run:
+    """Folder layout: ``<run>/registry.json``, ``<run>/answers/<variant>.jsonl``, ``<run>/stages/<stage>/``.
+
+    Heavy model folders go to ``model_dir``: inside the stage's folder, or under ``scratch`` when set
+    (``runtime.scratch_dir``), so the run folder itself stays small enough to carry between sessions.
+    """
+
+    def __init__(self, directory: Path | str, scratch: Path | str | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.scratch = Path(scratch) if scratch else None
 
     @classmethod
     def for_params(cls, params: Params, run_dir: str | Path | None = None) -> "Run":
-        return cls(run_dir or REPORTS_DIR / params.run_name)
+        return cls(run_dir or REPORTS_DIR / params.run_name, params.runtime.scratch_dir)
+
+    def model_dir(self, stage: str, relative: str) -> Path:
+        """Where a stage writes a model folder: ``<scratch>/<run folder name>/<stage>/<relative>`` or ``stages/<stage>/<relative>``."""
+        if self.scratch is None:
+            return self.stage_dir(stage) / relative
+        return self.scratch / self.directory.name / stage / relative
 
     @property
     def registry_path(self) -> Path:
@@ -71,23 +86,27 @@ class Run:
         registry = self._registry()
         if variant.parent is not None and variant.parent not in registry["variants"]:
             raise KeyError(f"parent variant {variant.parent!r} is not registered in {self.registry_path}")
-        registry["variants"][variant.name] = {**asdict(variant), "path": self._portable(variant.path)}
+        extra = {key: self._portable(value) if key in PATH_KEYS and isinstance(value, str) else value for key, value in variant.extra.items()}
+        registry["variants"][variant.name] = {**asdict(variant), "path": self._portable(variant.path), "extra": extra}
         atomic_write_json(self.registry_path, registry)
 
     def _portable(self, path: str) -> str:
-        """Paths inside the run are stored relative to it, so a moved or copied run still works."""
+        """Paths inside the run are stored relative to it ("./..."), so a moved or copied run still works."""
         try:
-            return Path(path).resolve().relative_to(self.directory.resolve()).as_posix()
-        except ValueError:  # a hub id or a model outside the run
+            return "./" + Path(path).resolve().relative_to(self.directory.resolve()).as_posix()
+        except ValueError:  # a hub id or a model outside the run (a scratch folder)
             return path
 
     def _located(self, path: str) -> str:
-        inside = self.directory / path
+        if path.startswith("./"):  # inside the run, whether or not the folder is there now
+            return str(self.directory / path[2:])
+        inside = self.directory / path  # registries written before the "./" marker
         return str(inside) if not Path(path).is_absolute() and inside.exists() else path
 
     def variants(self) -> dict[str, Variant]:
         return {
-            name: Variant(**{**data, "path": self._located(data["path"]), "layers_removed": tuple(data["layers_removed"])})
+            name: Variant(**{**data, "path": self._located(data["path"]), "layers_removed": tuple(data["layers_removed"]),
+                             "extra": {k: self._located(v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in data["extra"].items()}})
             for name, data in self._registry()["variants"].items()
         }
 

@@ -7,6 +7,7 @@ depth. The paper's numbers come from ``medcomp.paper``; this run's from its regi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -80,7 +81,9 @@ def paper_rows_for_run(run, params) -> PaperRows:
     variants = run.variants()
     if "finetuned" not in variants:
         raise ValueError(f"no 'finetuned' variant in {run.registry_path}: run 01_finetune first")
-    num_layers = AutoConfig.from_pretrained(variants["finetuned"].path).text_config.num_hidden_layers
+    rankings = run.stage_dir("02_layer_importance") / "rankings.json"  # read, so the model's folder need not be there
+    num_layers = (json.loads(rankings.read_text())["num_layers"] if rankings.exists()
+                  else AutoConfig.from_pretrained(variants["finetuned"].path).text_config.num_hidden_layers)
     max_removable = len(prunable_layers(num_layers, params.importance.protect_first, params.importance.protect_last))
     levels = levels_for_depth(params.pruning.levels, num_layers, max_removable)
     return paper_rows(variants, levels, params.quantization.quantize_then_recover)

@@ -222,15 +222,17 @@ def finetune(
     params: FinetuneParams,
     output_dir: Path,
     seed: int = 0,
+    merged_dir: Path | None = None,
 ) -> FinetuneResult:
-    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and ``output_dir/merged``."""
+    """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and the merged model (``merged_dir``,
+    default ``output_dir/merged``; a scratch folder keeps the heavy copy out of the run folder)."""
     import_gptqmodel_quietly()
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
     result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
                   [checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter")
-    merged_dir = merge_adapter(source, result.adapter_dir, output_dir / "merged", model_dtype, qlora_quantization(params))
+    merged_dir = merge_adapter(source, result.adapter_dir, merged_dir or output_dir / "merged", model_dtype, qlora_quantization(params))
     return replace(result, merged_dir=merged_dir)
 
 
@@ -316,4 +318,7 @@ def merge_adapter(
     if quantization_config is not None:
         base = base.dequantize(dtype=TORCH_DTYPES[dtype])
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return save_with_processor(merged, load_processor(str(adapter_dir)), merged_dir)
+    # deterministic: the same adapter merged into the same base the same way is the same checkpoint, rebuilt or not
+    write_id = content_hash(["merge", checkpoint_identity(base_source), checkpoint_identity(adapter_dir), dtype,
+                             quantization_config.to_dict() if quantization_config is not None else None], 32)
+    return save_with_processor(merged, load_processor(str(adapter_dir)), merged_dir, write_id)

@@ -113,6 +113,26 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
     assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
 
+    # A run folder saved in one session and restored in another (Kaggle: output attached as input) is a
+    # copy: new paths, new modification times. 04 is made to run again, as if interrupted before it finished.
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    shutil.rmtree(run_dir)
+    (moved / "stages" / "04_sft_pruned" / "status.json").unlink()
+    checkpoints = sorted(p for p in moved.glob("stages/0[45]_*/*/**/model.safetensors")) + sorted(moved.glob("stages/05_quantize/*/*.safetensors"))
+    written = {p: p.stat().st_mtime_ns for p in checkpoints}
+    continued = run_cli("run", str(params), "--run-dir", str(moved), cache=cache)
+    assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
+    assert continued.stdout.count("reusing the finished stage") == 3  # 01-03; 04 reran, so 05-07 follow it
+    recovery = (moved / "04_sft_pruned.ipynb").read_text()
+    assert "recovered-7: reused" in recovery and "trained" not in recovery.split("recovered-7: reused")[0][-200:]
+    assert written and all(p.stat().st_mtime_ns == mtime for p, mtime in written.items()), "a checkpoint was rebuilt after the move"
+    variants = Run(moved).variants().values()
+    assert not any(str(run_dir) in json.dumps([v.path, v.extra]) for v in variants), "a registry path still points at the old folder"
+    assert all(Path(v.path).exists() for v in variants)
+
 
 def _numbers(cell: str) -> list[float]:
     import re

@@ -81,7 +81,8 @@ def test_figure_4_capture_is_sampled_on_the_cpu_and_quantile_works(tiny_embedded
     # 7B: 64 conversations x ~650 tokens x 4096 = 170 M values; older torch refuses quantile past 2^24 values
     rows = torch.arange(2**24 + 64, dtype=torch.float32).reshape(-1, 64)
     kept = calibration.evenly_spaced_rows(rows, 2**24)
-    assert kept.numel() <= 2**24 and kept[0, 0] == 0 and kept.quantile(0.5) == pytest.approx(rows.quantile(0.5).item(), rel=1e-3)
+    assert kept.numel() <= 2**24 and kept[0, 0] == 0
+    assert kept.quantile(0.5) == pytest.approx(float(rows.flatten().median()), rel=1e-3)  # the sample's median is the whole's
 
 
 class _Loaded(Exception):
@@ -175,3 +176,92 @@ def test_auto_batch_is_the_largest_that_fits():
     fits = lambda b: sum(plan.generation_plan(shape, b, 128).values()) <= plan.T4_BUDGET_GIB * plan.GIB  # noqa: E731
     assert fits(batch) and not fits(batch + 1)
     assert plan.auto_batch_size(shape, 128, bits=4) > batch  # 4-bit weights leave room for more
+
+
+# ------------------------------------------------------------------------------------------ disk: scratch and recipes
+
+
+def test_kaggle_run_folder_fits_kaggles_output_and_would_not_without_scratch():
+    params = load_params("kaggle_t4")
+    shape = plan.shape_of(plan.real_config())
+    kept = plan.disk_table(params, shape)
+    assert params.runtime.scratch_dir and kept["run folder cumulative GiB"].iloc[-1] <= plan.KAGGLE_OUTPUT_GIB
+    assert kept["scratch GiB"].max() < 50  # a stage's models, pruned copies one at a time: not the ~150 GB of every copy
+    everything = plan.disk_table(load_params("kaggle_t4", {"runtime": {"scratch_dir": None}}), shape)
+    assert everything["run folder cumulative GiB"].iloc[-1] > 140  # what full copies in the run folder would need
+
+
+def test_the_forecast_is_on_the_index_before_the_first_stage_runs(tmp_path, monkeypatch):
+    import nbformat
+
+    from medcomp import runner
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), str(notebooks / "01_first.ipynb"))
+    seen = {}
+
+    def fake_execute(notebook, run_dir, params_path):
+        seen["index"] = (run_dir / "index.html").read_text()
+        return runner.StageOutcome(notebook.stem, "ok", 0.0, None)
+
+    monkeypatch.setattr(runner, "execute_stage", fake_execute)
+    runner.run_pipeline("kaggle_t4", run_dir=tmp_path / "run", notebooks_dir=notebooks)
+    assert "Forecast for a Kaggle T4" in seen["index"] and "13.16" in seen["index"]  # the fp16 7B's weights, GiB
+    assert "run folder within 19.5 GiB" in seen["index"]
+
+
+def test_a_missing_pruned_or_merged_folder_is_rebuilt_as_the_same_checkpoint(tiny_embedded_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from medcomp.params import FinetuneParams
+    from medcomp.pruning import prune_and_save
+    from medcomp.runs import Run, Variant
+    from medcomp.stages import materialise
+    from medcomp.training import merge_adapter
+
+    run = Run(tmp_path / "run", scratch=tmp_path / "scratch")
+    run.register_variant(Variant(name="base", stage="01", path=str(tiny_embedded_model)))
+    pruned_dir = run.model_dir("03", "pruned-1")
+    assert str(pruned_dir).startswith(str(tmp_path / "scratch"))
+    prune_and_save(str(tiny_embedded_model), [1], pruned_dir)
+    run.register_variant(Variant(name="pruned-1", stage="03", path=str(pruned_dir), parent="base", layers_removed=(1,),
+                                 extra={"rebuild": materialise.prune_recipe("base", [1], "float32")}))
+    settings = FinetuneParams(quantization="none", compute_dtype="float32")
+    torch.manual_seed(0)
+    lora = get_peft_model(loading.load_llava(str(pruned_dir)), LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", init_lora_weights=False))
+    adapter = loading.save_with_processor(lora, loading.load_processor(str(pruned_dir)), run.stage_dir("04") / "adapter")
+    merged_dir = merge_adapter(str(pruned_dir), adapter, run.model_dir("04", "merged"), "float32")
+    run.register_variant(Variant(name="recovered-1", stage="04", path=str(merged_dir), parent="pruned-1", layers_removed=(1,),
+                                 extra={"adapter": str(adapter), "rebuild": materialise.merge_recipe("pruned-1", str(pruned_dir), "float32", settings)}))
+    identity = {name: loading.checkpoint_identity(run.variant(name).path) for name in ("pruned-1", "recovered-1")}
+    weights = loading.load_llava(str(merged_dir)).state_dict()
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "scratch")  # a new session: the scratch folder is gone, the run folder came along
+    rebuilt = materialise.ensure(run, "recovered-1")  # needs pruned-1 first: rebuilt too
+    assert {name: loading.checkpoint_identity(run.variant(name).path) for name in identity} == identity
+    for key, value in loading.load_llava(rebuilt.path).state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+    run.register_variant(Variant(name="lost", stage="05", path=str(tmp_path / "nowhere"), parent="base"))
+    with pytest.raises(FileNotFoundError, match="rerun 05"):
+        materialise.ensure(run, "lost")
+
+
+def test_registry_paths_survive_a_moved_run_folder(tmp_path):
+    import shutil
+
+    from medcomp.runs import Run, Variant
+
+    run = Run(tmp_path / "a")
+    (run.stage_dir("01") / "merged").mkdir()
+    (run.stage_dir("01") / "adapter").mkdir()
+    run.register_variant(Variant(name="finetuned", stage="01", path=str(run.stage_dir("01") / "merged"),
+                                 extra={"adapter": str(run.stage_dir("01") / "adapter"), "sft_base": "llava-hf/llava-1.5-7b-hf"}))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    moved = Run(tmp_path / "b").variant("finetuned")
+    assert moved.path == str(tmp_path / "b" / "stages" / "01" / "merged")
+    assert moved.extra["adapter"] == str(tmp_path / "b" / "stages" / "01" / "adapter")
+    assert moved.extra["sft_base"] == "llava-hf/llava-1.5-7b-hf"  # a hub id stays one

@@ -7,17 +7,18 @@ from typing import Any, Sequence
 import pandas as pd
 
 from medcomp.runs import Run, Variant
+from medcomp.stages.materialise import ensure_for_serving
 
 
 def variants_to_measure(run: Run, names: Sequence[str] | None) -> list[Variant]:
-    """The registered variants ``names`` lists (all when empty), in that order; an unknown name is an
-    error listing the registered ones."""
+    """The registered variants ``names`` lists (all when empty), in that order, their folders present
+    (rebuilt from their recipe where missing); an unknown name is an error listing the registered ones."""
     registered = run.variants()
     names = list(names or registered)
     unknown = sorted(set(names) - set(registered))
     if unknown:
         raise ValueError(f"benchmark.variants names unregistered variants {unknown}; registered: {sorted(registered)}")
-    return [registered[name] for name in names]
+    return [ensure_for_serving(run, registered[name]) for name in names]
 
 
 def memory_notes(table: pd.DataFrame, variants: dict[str, Variant]) -> str:

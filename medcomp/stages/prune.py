@@ -3,6 +3,7 @@ saved, reloaded, counted and answering the test set; an interrupted stage resume
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -11,6 +12,7 @@ from medcomp.evaluation import answer_stats, generate_answers
 from medcomp.loading import count_parameters, decoder_layers, load_llava, load_processor, tensor_bytes
 from medcomp.pruning import first_of_ranking, prune_and_save, pruned_from
 from medcomp.runs import Variant
+from medcomp.stages.materialise import prune_recipe
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], 
             model = load_llava(parent.path, dtype=dtype, device=device)
         else:
             existing = registered.get(step.name)
-            target = run.stage_dir(stage) / step.name
+            target = run.model_dir(stage, step.name)
             reusable = (existing is not None and existing.layers_removed == step.layers and run.has_answers(step.name)
                         and pruned_from(target, parent.path, step.layers))
             if not reusable:
@@ -65,7 +67,8 @@ def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], 
                 raise RuntimeError(f"{target} reloaded with {len(decoder_layers(model))} layers, expected {parent_layers - len(step.layers)}")
             variant = Variant(name=step.name, stage=stage, path=str(target), parent=parent.name, layers_removed=step.layers,
                               bits=parent.bits, parameters=count_parameters(model),
-                              notes=f"{len(step.layers)} blocks removed by the {step.ranking} ranking")
+                              notes=f"{len(step.layers)} blocks removed by the {step.ranking} ranking",
+                              extra={"rebuild": prune_recipe(parent.name, step.layers, dtype)})
             if reusable:
                 answers = run.answers(step.name)
             else:
@@ -77,4 +80,6 @@ def build_levels(run, stage: str, parent: Variant, plan: Sequence[PruningStep], 
                         "blocks": list(step.layers), "layers": len(decoder_layers(model)), "parameters": count_parameters(model),
                         "model bytes": tensor_bytes(model), **answer_stats(answers), "seconds": time.perf_counter() - started})
         del model
+        if run.scratch is not None and step.name != parent.name:
+            shutil.rmtree(run.model_dir(stage, step.name), ignore_errors=True)  # answered; its recipe rebuilds it for 04 and 05
     return results

@@ -15,6 +15,7 @@ from medcomp.files import content_hash
 from medcomp.loading import checkpoint_identity, decoder_bytes, load_llava, load_processor, load_variant, tensor_bytes
 from medcomp.quantizers import quantize
 from medcomp.runs import Variant
+from medcomp.stages.materialise import ensure
 from medcomp.training import finetune_on_quantized
 from medcomp.weight_analysis import finetune_survival
 
@@ -56,16 +57,18 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
                     group_size: int, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
     """Quantize (or reuse), reload and check, measure, answer the test set (or reuse), register; and,
     where the source came from an SFT, measure how much of that SFT's weight change survived."""
-    source = run.variant(step.source)
+    source = ensure(run, step.source)
     started = time.perf_counter()
     if step.method == "qlora":
+        if source.parent is not None and source.extra.get("sft_base") == run.variant(source.parent).path:
+            ensure(run, source.parent)  # the pruned model a recovered model's adapter sits on
         path, seconds = Path(source.extra["adapter"]), 0.0
         extra = {"format": "qlora", "sft_base": source.extra["sft_base"],
                  "identity": [list(i) for i in checkpoint_identity(path) + checkpoint_identity(source.extra["sft_base"])]}
         previous = run.variants().get(step.name)
         reused = previous is not None and previous.extra.get("identity") == extra["identity"] and run.has_answers(step.name)
     else:
-        checkpoint = quantize(step.method, source.path, run.stage_dir(stage) / step.name, conversations, group_size, dtype, device)
+        checkpoint = quantize(step.method, source.path, run.model_dir(stage, step.name), conversations, group_size, dtype, device)
         path, seconds, reused = checkpoint.path, checkpoint.seconds, checkpoint.reused and run.has_answers(step.name)
         extra = {"format": step.method}
     variant = Variant(name=step.name, stage=stage, path=str(path), parent=source.name, layers_removed=source.layers_removed, bits=4,
@@ -116,7 +119,7 @@ def recover_on_quantized(run, stage: str, quantized: str, train_examples, test_e
     """Quantize first, then recover: 04's recovery SFT trained against the 4-bit variant ``quantized``
     (AWQ or RTN of a pruned model), the adapter kept unmerged. Registered as ``<quantized>-sft``."""
     base = run.variant(quantized)
-    pruned = run.variant(base.parent)
+    pruned = ensure(run, base.parent)
     name = f"{quantized}-sft"
     identity = [list(i) for i in checkpoint_identity(base.path)]
     setup = content_hash([identity, params.model_dump(mode="json"), [(e.image, e.question) for e in train_examples], seed], 16)
@@ -147,7 +150,7 @@ def recover_on_quantized(run, stage: str, quantized: str, train_examples, test_e
 def variant_measurements(run, name: str, results_by_name: dict[str, dict[str, Any]], dtype: str = "float32") -> dict[str, Any]:
     """What Table 4 shows of a variant: this stage's measurements if it made the variant, else the
     full-precision model loaded and measured, with naming from its saved answers."""
-    variant = run.variant(name)
+    variant = run.variant(name) if name in results_by_name else ensure(run, name)
     if name in results_by_name:
         return {**results_by_name[name], "parameters": variant.parameters, "bits": variant.bits}
     model = load_llava(variant.path, dtype=dtype)

@@ -11,7 +11,9 @@ stage resumes where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +23,7 @@ from medcomp.loading import checkpoint_identity, count_parameters, load_llava, l
 from medcomp.params import FinetuneParams, RecoveryParams
 from medcomp.pruning import levels_for_depth
 from medcomp.runs import Run, Variant
+from medcomp.stages.materialise import ensure, merge_recipe
 from medcomp.training import finetune
 
 
@@ -61,7 +64,7 @@ def _setup(pruned_path: str, params: FinetuneParams, train_examples, seed: int) 
 def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examples, params: FinetuneParams, dtype: str,
             device: str, max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """QLoRA-finetune the pruned variant, merge, reload, answer the test set, register; or read it back."""
-    pruned = run.variant(step.pruned)
+    pruned = ensure(run, step.pruned)
     output_dir = run.stage_dir(stage) / step.recovered
     setup = _setup(pruned.path, params, train_examples, seed)
     record_path = output_dir / RECORD
@@ -70,13 +73,15 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
         return {**record["result"], "reused": True}
 
     with PeakMemory() as peak:
-        result = finetune(pruned.path, dtype, device, train_examples, params, output_dir, seed=seed)
+        result = finetune(pruned.path, dtype, device, train_examples, params, output_dir, seed=seed,
+                          merged_dir=run.model_dir(stage, f"{step.recovered}/merged"))
     started = time.perf_counter()
     model = load_llava(str(result.merged_dir), dtype=dtype, device=device)
     variant = Variant(name=step.recovered, stage=stage, path=str(result.merged_dir), parent=pruned.name,
                       layers_removed=pruned.layers_removed, bits=pruned.bits, parameters=count_parameters(model),
                       notes=f"QLoRA SFT (r={params.lora.r}, alpha={params.lora.alpha}) of {pruned.name}",
-                      extra={"adapter": str(result.adapter_dir), "sft_base": pruned.path, "fraction": step.fraction})
+                      extra={"adapter": str(result.adapter_dir), "sft_base": pruned.path, "fraction": step.fraction,
+                             "rebuild": merge_recipe(pruned.name, pruned.path, dtype, params)})
     run.register_variant(variant)
     answers = generate_answers(model, load_processor(str(result.merged_dir)), test_examples, max_new_tokens, batch_size,
                                description=f"answering ({step.recovered})")
@@ -90,6 +95,8 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
                "never stopped before SFT": before["never stopped"], "never stopped after SFT": after["never stopped"],
                "answering seconds": round(time.perf_counter() - started, 1), "log_history": result.log_history}
     atomic_write_json(record_path, {"setup": setup, "result": summary})
+    if run.scratch is not None and Path(pruned.path).is_relative_to(run.scratch):
+        shutil.rmtree(pruned.path, ignore_errors=True)  # recovered; its recipe rebuilds it if 05 needs it
     return {**summary, "reused": False}
 
 
