@@ -24,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = commands.add_parser("bootstrap", help="build and cache the embedded model and dataset")
     bootstrap.add_argument("params", nargs="?", default="embedded")
 
+    sweep = commands.add_parser("sweep", help="one run folder per point of a params grid, and an index comparing them")
+    sweep.add_argument("params", help="the base params file or preset")
+    sweep.add_argument("--set", dest="settings", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a dotted params key and its values; repeat for a grid (e.g. --set seed=0,1,2)")
+    sweep.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks at each point")
+    sweep.add_argument("--force", action="store_true", help="redo finished stages")
+    sweep.add_argument("--sweep-dir", help="write here instead of reports/<run_name>-sweep/")
+
     rehearse = commands.add_parser("rehearse", help="run kaggle_t4.yaml end to end on the 32-layer fp16 LLaVA-1.5 stand-in")
     rehearse.add_argument("--work", default="rehearsal", help="folder for the stand-in, its data and the run (default: ./rehearsal)")
     rehearse.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -54,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             print("data:", prepare_dataset(params).root)
             print(f"data ready in {time.perf_counter() - started:.0f} s")
+            return 0
+        if args.command == "sweep":
+            from medcomp.sweep import run_sweep
+
+            try:
+                folder = run_sweep(args.params, args.settings, args.only, args.force, Path(args.sweep_dir) if args.sweep_dir else None)
+            except RuntimeError as failure:  # a point failed; the others ran and the index shows them
+                print(f"error: {failure}", file=sys.stderr)
+                return 1
+            print(f"[medcomp] sweep index: {folder / 'index.html'}")
             return 0
         from medcomp.runner import run_pipeline
 

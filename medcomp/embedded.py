@@ -189,4 +189,7 @@ def prepare_model_source(params) -> str:
     def dataset_images() -> list[str]:
         return [image.path for image in prepare_dataset(params).scan.images]
 
-    return resolve_model_source(params.model.id, params.model.embedded.model_dump(), params.runtime.cache_path(), dataset_images)
+    spec = params.model.embedded.model_dump()
+    if params.runtime.numerics != "default" and spec.get("pretraining"):  # other numerics build another model: cache it apart
+        spec["pretraining"] = {**spec["pretraining"], "numerics": params.runtime.numerics}
+    return resolve_model_source(params.model.id, spec, params.runtime.cache_path(), dataset_images)

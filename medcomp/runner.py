@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
+from medcomp.numerics import artefact_hashes, kernel_fingerprint, pinned_environment
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -190,7 +192,9 @@ def run_pipeline(
     params_path = resolve_params_path(params_file).resolve()
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(run_dir, params, {"params_file": str(params_path)})
+    os.environ.update(pinned_environment(params.runtime.numerics))  # read by torch in every kernel and child this run starts
+    numerics = {"mode": params.runtime.numerics, **kernel_fingerprint(params.runtime.numerics)}
+    write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
     shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
     write_index(run_dir, params, [])  # the forecast shows before any stage runs
@@ -229,8 +233,26 @@ def run_pipeline(
         outcomes.append(outcome)
         upstream[stage] = token
         failed = outcome.status == "failed"
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    atomic_write_json(manifest_path, {**manifest, "artefacts": artefact_hashes(run_dir)})  # what each stage computed, as bits
     write_index(run_dir, params, outcomes)
     return outcomes
+
+
+def numerics_html(run_dir: Path) -> str:
+    """The manifest's numerics fingerprint and artefact hashes: where two runs part, at a glance."""
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return ""
+    manifest = json.loads(path.read_text())
+    numerics, artefacts = manifest.get("numerics", {}), manifest.get("artefacts", {})
+    shown = {key: numerics.get(key) for key in ("mode", "cpu", "instruction sets", "aten capability", "torch threads", "torch", "mkl", "onednn",
+                                                "pins", "probe loss", "probe hash") if key in numerics}
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in shown.items())
+    rows += "".join(f"<tr><th>{html.escape(stage)} artefact sha256</th><td><code>{html.escape(digest)}</code></td></tr>" for stage, digest in artefacts.items())
+    return (f"<h2>Numerics</h2><p>Two runs that print the same probe hash computed the same bits on the same inputs; the first artefact "
+            f"hash that differs is the stage where they part.</p><table>{rows}</table>") if rows else ""
 
 
 def _summary_cell(summary: dict[str, Any]) -> str:
@@ -274,7 +296,7 @@ tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}p
 {forecast}
 <h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>status</th><th>duration</th><th>key figures</th></tr>
-{''.join(rows)}</table></body></html>
+{''.join(rows)}</table>{numerics_html(run_dir)}</body></html>
 """
     target = run_dir / "index.html"
     atomic_write_text(target, page)

@@ -225,23 +225,3 @@ def write_manifest(run_dir: Path | str, params: Params, extra: dict[str, Any] | 
         },
     )
     return path
-
-def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:
-    """What every notebook does first: validate params, seed everything, set threads, open the run.
-
-    ``params_file="auto"`` picks ``kaggle_t4`` when a GPU is present and ``embedded`` otherwise, so a
-    notebook opened by hand works in both worlds.
-    """
-    import torch
-    from transformers import set_seed
-
-    from medcomp.params import default_params_name, load_params
-
-    params = load_params(default_params_name() if params_file == "auto" else params_file, overrides)
-    quiet_libraries()
-    set_seed(params.seed)
-    torch.set_num_threads(params.runtime.threads)
-    run = Run.for_params(params, run_dir)
-    if not (run.directory / "manifest.json").exists():
-        write_manifest(run.directory, params, {"params_file": str(params_file)})
-    return params, run

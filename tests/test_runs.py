@@ -64,3 +64,25 @@ def test_registry_paths_survive_moving_the_run(tmp_path):
     moved = Run((tmp_path / "run").rename(tmp_path / "moved"))
     assert moved.variant("finetuned").path == str(tmp_path / "moved" / "stages" / "01_finetune" / "merged")
     assert moved.variant("hub").path == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_numerics_probe_is_deterministic_and_pins_reach_a_fresh_process():
+    from medcomp import numerics
+
+    assert numerics.probe() == numerics.probe()
+    pinned = numerics.kernel_fingerprint("pinned")
+    assert pinned["pins"] == numerics.PINNED_ENV and pinned["aten capability"] in ("AVX2", "DEFAULT")
+    assert len(pinned["probe hash"]) == 16 and pinned["torch threads"] >= 1
+    assert numerics.pinned_environment("default") == {}
+
+
+def test_artefact_hashes_name_each_stage_that_wrote_its_artefact(tmp_path):
+    from medcomp import numerics
+
+    rankings = tmp_path / "stages" / "02_layer_importance" / "rankings.json"
+    rankings.parent.mkdir(parents=True)
+    rankings.write_text('{"orders": {}}')
+    hashes = numerics.artefact_hashes(tmp_path)
+    assert hashes == {"02_layer_importance": numerics.sha256_prefix(rankings)} and len(hashes["02_layer_importance"]) == 16
+    rankings.write_text('{"orders": {"x": [1]}}')
+    assert numerics.artefact_hashes(tmp_path)["02_layer_importance"] != hashes["02_layer_importance"]

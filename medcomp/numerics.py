@@ -1,0 +1,130 @@
+"""Which numerics a run computed with, and a pinned CPU mode that makes two CPUs compute the same bits.
+
+Default float results differ between CPUs: ATen dispatches its CPU kernels by instruction set (AVX2,
+AVX-512), and MKL and oneDNN choose code paths by CPU. On this project's embedded model the last bits
+of the pretraining moved 01's held-out naming by 15 points (``../shared/repro_reference.md``). So every
+run records a fingerprint (CPU model, instruction sets, threads, torch/MKL/oneDNN versions, the ATen
+capability in use, the pinning variables, and ``probe``'s hash), and ``runtime.numerics: pinned`` starts
+every kernel with ``PINNED_ENV``: ATen capped at AVX2, MKL's conditional numerical reproducibility at
+AVX2, oneDNN's ISA at AVX2. They are read when torch loads, so they are set for the notebook kernels
+and the GPTQModel child by the runner, before any of them imports torch.
+
+``probe`` is ``../shared/repro_probe.py``'s computation (an MLP trained 30 steps, and SDPA, on 2
+threads), so its hash compares with the reference values measured on other machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def pinned_environment(mode: str) -> dict[str, str]:
+    """The variables ``runtime.numerics`` asks for: ``PINNED_ENV`` when pinned, none otherwise."""
+    return dict(PINNED_ENV) if mode == "pinned" else {}
+
+
+def active_pins() -> dict[str, str | None]:
+    """The pinning variables as this process sees them (None: not set)."""
+    return {name: os.environ.get(name) for name in PINNED_ENV}
+
+
+def probe() -> tuple[float, str]:
+    """The shared probe's loss and the first 16 hex digits of the sha256 of every bit it computed."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    x = torch.randn(256, 384)
+    y = torch.randn(256, 384)
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 384), torch.nn.LayerNorm(384))
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(30):
+        loss = ((model(x) - y) ** 2).mean() + torch.softmax(model(x) @ y.T / 20, -1).sum() * 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    attention = torch.nn.functional.scaled_dot_product_attention(torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32))
+    bits = b"".join(p.detach().numpy().tobytes() for p in model.parameters()) + attention.numpy().tobytes()
+    return float(f"{loss.item():.10f}"), hashlib.sha256(bits).hexdigest()[:16]
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = "unknown", []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                present = set(line.split(":", 1)[1].split())
+                flags = [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return model, flags
+
+
+def _library_versions() -> dict[str, str | None]:
+    import torch
+
+    config = torch.__config__.show()
+    mkl = next((line.split("Version")[-1].strip(" :") for line in config.splitlines() if "Math Kernel Library" in line), None)
+    onednn = next((line.split("MKL-DNN")[-1].strip(" :").split(" ")[0] for line in config.splitlines() if "MKL-DNN" in line or "oneDNN" in line), None)
+    return {"torch": torch.__version__, "mkl": mkl, "onednn": onednn}
+
+
+def fingerprint() -> dict[str, Any]:
+    """This process's numerics: CPU, instruction sets, ATen's capability, threads, libraries, pins, probe."""
+    import torch
+
+    model, flags = _cpu()
+    loss, digest = probe()
+    return {"cpu": model, "instruction sets": flags, "aten capability": torch.backends.cpu.get_cpu_capability(),
+            "torch threads": torch.get_num_threads(), **_library_versions(), "pins": active_pins(), "probe loss": loss, "probe hash": digest}
+
+
+def kernel_fingerprint(mode: str) -> dict[str, Any]:
+    """``fingerprint`` as a notebook kernel of a run in ``mode`` sees it: measured in a fresh process
+    started with the same environment, since the pins act only when torch loads."""
+    env = {**os.environ, **pinned_environment(mode)}
+    result = subprocess.run([sys.executable, "-m", "medcomp.numerics"], capture_output=True, text=True, env=env, timeout=300)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
+    return json.loads(result.stdout)
+
+
+# The one file per stage whose bytes say whether two runs computed the same thing.
+STAGE_ARTEFACTS = {
+    "01_finetune": "stages/01_finetune/adapter/adapter_model.safetensors",
+    "02_layer_importance": "stages/02_layer_importance/rankings.json",
+    "03_prune": "answers/pruned-7.jsonl",
+    "04_sft_pruned": "stages/04_sft_pruned/recovered-7/adapter/adapter_model.safetensors",
+    "05_quantize": "answers/recovered-7-awq.jsonl",
+    "07_judge": "stages/07_judge/tables/scores.csv",
+}
+
+
+def sha256_prefix(path: Path | str, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def artefact_hashes(run_dir: Path | str) -> dict[str, str]:
+    """sha256 prefixes of each stage's main artefact that exists in ``run_dir`` (``STAGE_ARTEFACTS``)."""
+    run_dir = Path(run_dir)
+    return {stage: sha256_prefix(run_dir / relative) for stage, relative in STAGE_ARTEFACTS.items() if (run_dir / relative).exists()}
+
+
+if __name__ == "__main__":  # ``kernel_fingerprint``'s child
+    print(json.dumps(fingerprint()))

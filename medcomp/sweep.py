@@ -1,0 +1,170 @@
+"""Papermill batches: one run folder per point of a parameter grid, and one index comparing the points.
+
+``python -m medcomp sweep PARAMS --set seed=0,1,2 [--set key=a,b ...]`` runs the notebooks once per
+point of the grid (every combination of the values), each point a run folder of its own under
+``reports/<run_name>-sweep/``, with its own params file beside it. Work that does not depend on the
+swept keys is shared through the cache (``$MEDCOMP_CACHE``): the embedded model's bootstrap and the
+datasets are built once, keyed by the settings they depend on. The sweep's index puts every point's
+key figures side by side, then, for every variant, the mean and spread of its score over the points,
+and for every claim of the paper how many points it holds on. Over seeds, a claim *holds* only where
+it holds on every seed, and its interval is the union of the seeds' intervals: it covers the items'
+noise and the seed-to-seed spread both.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from medcomp.files import atomic_write_text
+from medcomp.params import ParamsError, load_params, merge_overrides, resolve_params_path
+from medcomp.runner import run_pipeline
+from medcomp.runs import REPORTS_DIR, Run
+
+VERDICTS = ("holds", "does not hold", "within noise")
+
+
+def parse_setting(text: str) -> tuple[str, list[Any]]:
+    """``key.sub=v1,v2`` -> (``key.sub``, [v1, v2]), each value read as YAML (numbers stay numbers)."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text!r}: expected KEY=VALUE[,VALUE...], e.g. seed=0,1,2")
+    key, values = text.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise ParamsError(f"--set {text!r}: {key!r} is not a dotted params key")
+    parsed = [_value(value) for value in values.split(",") if value.strip() != ""]
+    if not parsed:
+        raise ParamsError(f"--set {text!r}: no values")
+    return key.strip(), parsed
+
+
+def _value(text: str) -> Any:
+    """YAML's reading of one value, and numbers YAML 1.1 leaves as text (``1e-3``) as numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """``a.b.c``, v -> {"a": {"b": {"c": v}}}."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def grid(settings: Sequence[str]) -> list[dict[str, Any]]:
+    """Every combination of the ``--set`` values, as {dotted key: value}."""
+    parsed = [parse_setting(text) for text in settings]
+    keys = [key for key, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise ParamsError(f"--set names a key twice: {keys}")
+    return [dict(zip(keys, combination)) for combination in itertools.product(*(values for _, values in parsed))]
+
+
+def point_name(point: dict[str, Any]) -> str:
+    return "-".join(f"{key.split('.')[-1]}{value}" for key, value in point.items()).replace("/", "_")
+
+
+def run_sweep(params_file: str | Path, settings: Sequence[str], only: Sequence[str] | None = None, force: bool = False,
+              sweep_dir: Path | None = None) -> Path:
+    """Run every point (each validated before any runs), then write the sweep's index; returns its folder."""
+    base_path = resolve_params_path(params_file)
+    base = yaml.safe_load(base_path.read_text())
+    base_params = load_params(base_path)
+    sweep_dir = Path(sweep_dir or REPORTS_DIR / f"{base_params.run_name}-sweep").resolve()
+    points = grid(settings)
+    files = {}
+    for point in points:  # all points validated first: a typo fails before hours of work
+        name = point_name(point)
+        raw = base
+        for key, value in point.items():
+            raw = merge_overrides(raw, nested(key, value))
+        raw["run_name"] = f"{base_params.run_name}-{name}"
+        path = sweep_dir / "points" / f"{name}.yaml"
+        atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
+        load_params(path)
+        files[name] = (point, path)
+    failed = []
+    for name, (point, path) in files.items():
+        print(f"[medcomp] sweep point {name} ({', '.join(f'{k}={v}' for k, v in point.items())})")
+        outcomes = run_pipeline(path, force=force, only=only, run_dir=sweep_dir / name)
+        if any(o.status == "failed" for o in outcomes):
+            failed.append(name)
+    write_sweep_index(sweep_dir, {name: point for name, (point, _) in files.items()})
+    if failed:
+        raise RuntimeError(f"sweep points failed: {failed}; see {sweep_dir / 'index.html'}")
+    return sweep_dir
+
+
+def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
+    path = run_dir / "stages" / "07_judge" / "tables" / f"{name}.csv"
+    return pd.read_csv(path, index_col=0) if path.exists() else None
+
+
+def score_spread(scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per variant, its score at every point, their mean and standard deviation and range."""
+    frame = pd.DataFrame({point: table["score"] for point, table in scores.items()})
+    frame["mean"] = frame.mean(axis=1)
+    frame["sd"] = frame.drop(columns="mean").std(axis=1, ddof=1) if len(scores) > 1 else 0.0
+    frame["range"] = frame.drop(columns=["mean", "sd"]).max(axis=1) - frame.drop(columns=["mean", "sd"]).min(axis=1)
+    return frame.round(2)
+
+
+def _interval(text: str) -> tuple[float, float, float]:
+    """"+3.1 [-1.0, +7.2]" -> (3.1, -1.0, 7.2)."""
+    numbers = [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?", text)]
+    return numbers[0], numbers[1], numbers[2]
+
+
+def verdicts_over_points(verdicts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per claim: on how many points it holds / does not hold / is within noise; the union of the
+    points' intervals; and the verdict over all points: *holds* (or *does not hold*) only where every
+    point agrees, *within noise* where every point is, else *mixed*."""
+    rows = []
+    claims = list(dict.fromkeys(claim for table in verdicts.values() for claim in table.index))
+    for claim in claims:
+        per_point = {point: table.loc[claim] for point, table in verdicts.items() if claim in table.index}
+        counts = {verdict: sum(r["verdict"] == verdict for r in per_point.values()) for verdict in VERDICTS}
+        intervals = [_interval(r["difference [95% CI]"]) for r in per_point.values()]
+        agreed = [verdict for verdict, count in counts.items() if count == len(per_point)]
+        rows.append({"claim": claim, "points": len(per_point), **{f"{v} on": counts[v] for v in VERDICTS},
+                     "mean difference": round(sum(d for d, _, _ in intervals) / len(intervals), 1),
+                     "interval over points": f"[{min(low for _, low, _ in intervals):+.1f}, {max(high for _, _, high in intervals):+.1f}]",
+                     "verdict over points": agreed[0] if agreed else "mixed"})
+    return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame()
+
+
+def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Path:
+    """The sweep's ``index.html``: each point's key figures per stage, the score spread and the verdicts over points."""
+    figures = {}
+    for name in points:
+        run = Run(sweep_dir / name)
+        figures[name] = {f"{stage} · {key}": value for stage in sorted(p.name for p in (sweep_dir / name / "stages").glob("0*"))
+                         for key, value in run.summary(stage).items() if "(s)" not in key and "GiB" not in key}
+    key_figures = pd.DataFrame(figures)
+    scores = {name: t for name in points if (t := _table(sweep_dir / name, "scores")) is not None}
+    verdicts = {name: t for name in points if (t := _table(sweep_dir / name, "verdicts")) is not None}
+    parts = [f"<h1>medcomp sweep <code>{html.escape(sweep_dir.name)}</code></h1>",
+             "<p>Points: " + ", ".join(f'<a href="{html.escape(n)}/index.html">{html.escape(n)}</a> ({html.escape(str(p))})' for n, p in points.items()) + "</p>",
+             "<h2>Key figures, point by point</h2>", key_figures.to_html(escape=True)]
+    if scores:
+        parts += ["<h2>Scores over the points (mean, standard deviation, range)</h2>", score_spread(scores).to_html(escape=True)]
+    if verdicts:
+        parts += ["<h2>The paper's claims over the points</h2><p>A claim holds only where it holds on every point; its interval "
+                  "is the union of the points' paired-bootstrap intervals.</p>", verdicts_over_points(verdicts).to_html(escape=True)]
+    page = ('<!doctype html><html><head><meta charset="utf-8"><title>medcomp sweep</title><style>body{font-family:sans-serif;margin:2em}'
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>"
+            + "".join(parts) + "</body></html>")
+    target = sweep_dir / "index.html"
+    atomic_write_text(target, page)
+    return target
+

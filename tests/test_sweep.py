@@ -1,0 +1,73 @@
+"""Papermill sweeps: the grid, the aggregation over points, and a real two-point sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from medcomp.params import ParamsError
+from medcomp.sweep import grid, nested, score_spread, verdicts_over_points
+
+
+def test_the_grid_is_every_combination_with_values_read_as_yaml():
+    points = grid(["seed=0,1", "finetune.learning_rate=1e-3,5e-3"])
+    assert points == [{"seed": 0, "finetune.learning_rate": 1e-3}, {"seed": 0, "finetune.learning_rate": 5e-3},
+                      {"seed": 1, "finetune.learning_rate": 1e-3}, {"seed": 1, "finetune.learning_rate": 5e-3}]
+    assert nested("finetune.lora.r", 4) == {"finetune": {"lora": {"r": 4}}}
+    for bad in ("seed", "seed=", "9x=1", "a..b=1"):
+        with pytest.raises(ParamsError):
+            grid([bad])
+    with pytest.raises(ParamsError, match="twice"):
+        grid(["seed=1", "seed=2"])
+
+
+def _verdicts(*rows):
+    return pd.DataFrame([{"claim": c, "difference [95% CI]": d, "verdict": v} for c, d, v in rows]).set_index("claim")
+
+
+def test_a_claim_holds_over_seeds_only_where_every_seed_holds():
+    table = verdicts_over_points({
+        "seed0": _verdicts(("A", "+5.0 [+1.0, +9.0]", "holds"), ("B", "+3.0 [+0.5, +6.0]", "holds"), ("C", "-4.0 [-8.0, -1.0]", "does not hold")),
+        "seed1": _verdicts(("A", "+6.0 [+2.5, +9.5]", "holds"), ("B", "+1.0 [-2.0, +4.0]", "within noise"), ("C", "-2.0 [-5.0, -0.5]", "does not hold")),
+        "seed2": _verdicts(("A", "+4.0 [+0.2, +8.0]", "holds"), ("B", "+2.0 [+0.1, +3.9]", "holds"), ("C", "-3.0 [-6.0, -0.1]", "does not hold")),
+    })
+    assert table.loc["A", "verdict over points"] == "holds" and table.loc["A", "holds on"] == 3
+    assert table.loc["B", "verdict over points"] == "mixed" and table.loc["B", "holds on"] == 2 and table.loc["B", "within noise on"] == 1
+    assert table.loc["C", "verdict over points"] == "does not hold"
+    assert table.loc["A", "interval over points"] == "[+0.2, +9.5]"  # the union: item noise and seed spread
+    assert table.loc["A", "mean difference"] == 5.0
+
+
+def test_score_spread_over_points():
+    spread = score_spread({"seed0": pd.DataFrame({"score": [80.0, 50.0]}, index=["finetuned", "pipeline"]),
+                           "seed1": pd.DataFrame({"score": [90.0, 40.0]}, index=["finetuned", "pipeline"])})
+    assert spread.loc["finetuned", "mean"] == 85.0 and spread.loc["pipeline", "range"] == 10.0
+    assert spread.loc["finetuned", "sd"] == pytest.approx(7.07, abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_runs_one_folder_per_point_and_shares_the_bootstrap(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_end_to_end import MINIMAL, write_params
+
+    params = write_params(tmp_path / "minimal.yaml", "embedded", MINIMAL)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MEDCOMP_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-m", "medcomp", "sweep", str(params), "--set", "seed=0,1", "--only", "01_finetune",
+                             "--sweep-dir", str(tmp_path / "sweep")], capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for seed in (0, 1):
+        point = tmp_path / "sweep" / f"seed{seed}"
+        assert json.loads((point / "manifest.json").read_text())["params"]["seed"] == seed
+        assert yaml.safe_load((tmp_path / "sweep" / "points" / f"seed{seed}.yaml").read_text())["seed"] == seed
+        assert (point / "stages" / "01_finetune" / "summary.json").exists()
+    pretrained = [path for path in (cache / "models").iterdir() if "-pretrained-" in path.name and "." not in path.name]
+    assert len(pretrained) == 1, "the bootstrap is built once and shared by the points"
+    index = (tmp_path / "sweep" / "index.html").read_text()
+    assert "seed0" in index and "seed1" in index and "01_finetune · naming accuracy" in index
