@@ -70,5 +70,10 @@ def final_ratios(rows: PaperRows, scores: dict[str, VariantScore], efficiency: p
 
 def verdict_lines(verdict_table: pd.DataFrame, score_label: str) -> str:
     """The verdicts as Markdown bullets, each with our numbers and the paper's."""
-    return "\n".join(f"- **{claim}**: {r['verdict']} on this run ({score_label}s {r['ours']}; difference {r['difference [95% CI]']}). "
-                     f"Paper: {r['paper']}." for claim, r in verdict_table.iterrows())
+    lines = [f"- **{claim}**: {r['verdict']} on this run ({score_label}s {r['ours']}; difference {r['difference [95% CI]']}). "
+             f"Paper: {r['paper']}." for claim, r in verdict_table.iterrows()]
+    return "\n".join(lines + ["", ONE_SEED_NOTE])
+
+
+ONE_SEED_NOTE = ("These verdicts are **one seed's**: their intervals cover the test items, not the randomness of training. "
+                 "`python -m medcomp sweep PARAMS --set seed=0,1,2` reruns the pipeline per seed and counts each verdict over the seeds.")

@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from medcomp.claims import ONE_SEED_NOTE
+
 
 def headline_html(table_4: pd.DataFrame, verdict_table: pd.DataFrame, ratios: dict[str, Any], world: str, score_label: str) -> str:
     """The run's index page opens with this: Table 4 in short, ours beside the paper's, and the verdicts."""
@@ -21,4 +23,5 @@ def headline_html(table_4: pd.DataFrame, verdict_table: pd.DataFrame, ratios: di
         final = f"<p>The pipeline model <code>{html.escape(ratios['variant'])}</code> against the finetuned model: {', '.join(parts)}.</p>"
     return (f'<div class="headline"><h2>Headline</h2><p><b>{html.escape(caution)}</b></p>{final}'
             f"<h3>Table 4 in short</h3>{table_4[keep].to_html(escape=True)}"
-            f"<h3>The paper's claims on this run</h3>{verdict_table.to_html(escape=True)}</div>")
+            f"<h3>The paper's claims on this run (one seed)</h3>{verdict_table.to_html(escape=True)}"
+            f"<p>{html.escape(ONE_SEED_NOTE.replace('**', ''))}</p></div>")
