@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for outcome in outcomes:
         print(f"  {outcome.stage:<16} {outcome.status:<8} {outcome.seconds:6.0f} s")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return 1 if any(o.status in ("failed", "incomplete") for o in outcomes) else 0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,28 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 WRITE_ID = ".medcomp-write-id"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_abandoned_staging(target: Path) -> list[Path]:
+    """Delete staging folders of ``target`` whose writer is dead (a SIGKILL, the OOM killer): a killed
+    model write leaves gigabytes behind otherwise. A staging folder names its writer's PID."""
+    removed = []
+    for staging in Path(target).parent.glob(f".{Path(target).name}.*.tmp"):
+        pid = staging.name[len(Path(target).name) + 2 :].split(".", 1)[0]
+        if staging.is_dir() and (not pid.isdigit() or not _alive(int(pid))):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target: Path, write_id: str | None = None) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block finishes.
@@ -60,7 +82,8 @@ def atomic_directory(target: Path, write_id: str | None = None) -> Iterator[Path
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         yield staging
         (staging / WRITE_ID).write_text(write_id or uuid.uuid4().hex)

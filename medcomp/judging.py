@@ -329,7 +329,7 @@ def judge_items(judge, items: Sequence[JudgeItem], cache: JudgementCache, parse_
             results[same] = judgement
 
     if firsts and hasattr(judge, "rate_many"):
-        for index, judgement in zip(firsts, judge.rate_many([items[i] for i in firsts])):
+        for index, judgement in zip(firsts, judge.rate_many([items[i] for i in firsts]), strict=True):
             record(index, judgement)
     elif firsts:
         with ThreadPoolExecutor(max_workers=max(1, judge.concurrency)) as pool, \
@@ -338,7 +338,10 @@ def judge_items(judge, items: Sequence[JudgeItem], cache: JudgementCache, parse_
             for future in as_completed(futures):
                 record(futures[future], future.result())
                 bar.update()
-    return [r for r in results if r is not None]
+    missing = [items[index].key for index, result in enumerate(results) if result is None]
+    if missing:  # never drop one and zip the rest against the wrong items
+        raise RuntimeError(f"{len(missing)} items got no judgement (first: {missing[0]})")
+    return results  # type: ignore[return-value]
 
 
 def judge_answers(judge, answers: dict[str, Sequence[dict[str, Any]]], cache: JudgementCache, parse_retries: int = 2,

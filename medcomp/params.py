@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medcomp.files import content_hash
-from medcomp.knowledge import DISEASES_BY_SLUG
+from medcomp.validation import describe, looks_like_variable_name
+from medcomp.knowledge import DISEASES_BY_SLUG, QUESTIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "params"
@@ -256,8 +257,7 @@ class JudgeParams(Strict):
     backend: Literal["openai", "transformers", "proxy"] = "openai"
     model: str = Field("Qwen/Qwen2.5-32B-Instruct", min_length=1, description="served model name (openai) or hub id/path (transformers)")
     base_url: str = Field("http://localhost:8000/v1", pattern=r"^https?://", description="OpenAI-compatible endpoint (e.g. `vllm serve`)")
-    api_key_env: str | None = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                    description="NAME of the environment variable holding the key; never the key itself")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key; never the key itself")
     concurrency: int = Field(8, ge=1, le=256)
     timeout_seconds: float = Field(120.0, gt=0, le=3600)
     max_retries: int = Field(4, ge=0, le=20, description="on 408/409/429/5xx and connection errors, with exponential backoff")
@@ -267,6 +267,20 @@ class JudgeParams(Strict):
     proxy: ProxyJudgeParams = ProxyJudgeParams()
     bootstrap_samples: int = Field(2000, ge=100, le=100000, description="resamples of the items for 95 % confidence intervals")
     figure5_item: int = Field(1, ge=0, description="the test item of Figure 5 (default: the first image's features question)")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> "JudgeParams":
+        # the messages never repeat the value: it may be a key pasted into the wrong field
+        if self.api_key_env is not None and not looks_like_variable_name(self.api_key_env):
+            raise ValueError("api_key_env must be the NAME of an environment variable in capitals (e.g. OPENAI_API_KEY), "
+                             "never the key itself; value not shown")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        if parts.username or parts.password:
+            raise ValueError("base_url must not carry credentials (user:password@); put the key in the environment variable "
+                             "api_key_env names; value not shown")
+        return self
 
 
 class RuntimeParams(Strict):
@@ -310,6 +324,19 @@ class Params(Strict):
                              "pretraining images must come from their own seed, disjoint from train and test")
         return self
 
+    @model_validator(mode="after")
+    def _indices_within_the_test_set(self) -> "Params":
+        items = self.data.test_images * len(QUESTIONS)
+        for key, value, limit, what in (("judge.figure5_item", self.judge.figure5_item, items, "test items"),
+                                        ("benchmark.example_index", self.benchmark.example_index, items, "test items"),
+                                        ("pruning.example_index", self.pruning.example_index, self.data.test_images, "features questions")):
+            if value >= limit:
+                raise ValueError(f"{key} is {value}, but the test set has {limit} {what} "
+                                 f"({self.data.test_images} images x {len(QUESTIONS)} questions): use 0-{limit - 1}")
+        if self.benchmark.variants is not None and "finetuned" not in self.benchmark.variants:
+            raise ValueError("benchmark.variants must include 'finetuned': every ratio in 06 and 07 is to it")
+        return self
+
     def fingerprint(self) -> str:
         """Stable hash of every setting: a stage is reused only under identical params."""
         return content_hash(self.model_dump(mode="json"), 16)
@@ -339,26 +366,6 @@ def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
     return paths
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    """One line per wrong key: its dotted name, what is allowed, what was given. A union's branches
-    (``batch_size``: a number or 'auto') are reported as one line, not one per branch."""
-    lines = [f"invalid params in {source}:"]
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for item in error.errors():
-        # pydantic names a union's branches in the location (constrained-int, literal['auto']): not keys
-        parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and ("[" in part or "-" in part))]
-        by_key.setdefault(".".join(parts) or "(top level)", []).append(item)
-    for key, items in by_key.items():
-        item = items[0]
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
-        elif "api_key" in key:  # someone may have pasted the key itself: never echo it into a log
-            lines.append(f"  {key}: must be the NAME of an environment variable (letters, digits, _), never the key itself; value not shown")
-        else:
-            lines.append(f"  {key}: {' or '.join(dict.fromkeys(i['msg'] for i in items))}; got {item.get('input')!r}")
-    return "\n".join(lines)
-
-
 def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Read, merge ``overrides`` (nested dicts) and validate; raise ParamsError naming file and key."""
     path = resolve_params_path(name_or_path)
@@ -376,7 +383,7 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         return Params.model_validate(merged)
     except ValidationError as error:
         source = str(path) + (" with overrides of " + ", ".join(_key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
-        raise ParamsError(_describe(error, source)) from None
+        raise ParamsError(describe(error, source)) from None
 
 
 def default_params_name() -> str:

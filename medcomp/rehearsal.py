@@ -44,7 +44,7 @@ class LoopbackJudge:
     """An OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 (a free port); records each request's
     headers. ``with LoopbackJudge() as judge: ... judge.url``."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests: list[dict[str, Any]] = []
         owner = self
 
@@ -67,7 +67,7 @@ class LoopbackJudge:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 

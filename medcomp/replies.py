@@ -7,6 +7,7 @@ JSON (bare, fenced or inside prose) or ``Rating: N``; several different ratings,
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -56,25 +57,43 @@ def _json_objects(text: str) -> Iterable[Any]:
             continue
 
 
+def _finite(text_or_number: Any) -> float | None:
+    """A finite float, or None: JSON's NaN, Infinity and 1e400, and integers past a float's range, are no rating."""
+    try:
+        number = float(text_or_number)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _as_rating(value: Any) -> float | None:
     """A number from a JSON value: 3, 3.0, "3", "3/4"; None for anything else."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite(value)
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*4\s*)?", value)
-        return float(match.group(1)) if match else None
+        return _finite(match.group(1)) if match else None
     return None
 
 
-def parse_rating(reply: str | None) -> ParsedReply:
-    """The rating a judge's reply gives, if exactly one can be read from it; never a guess.
+def parse_rating(reply: Any) -> ParsedReply:
+    """The rating a judge's reply gives, if exactly one can be read from it; never a guess, never an exception.
 
     JSON (bare, fenced, or inside prose) is read first, then ``Rating: N`` written as text. Several
-    different ratings, a rating outside 1-4, a fraction (3.5), or a scale other than /4 give no rating.
+    different ratings, a rating outside 1-4, a fraction (3.5), a non-finite number, or a scale other
+    than /4 give no rating, with the reason. A reply that breaks the reader gives no rating either: at
+    temperature 0 a rerun gets the same reply, so it must never stop the stage.
     """
-    if reply is None or not reply.strip():
+    try:
+        return _parse(reply)
+    except Exception as error:  # noqa: BLE001  untrusted input: any failure is "no rating", with its kind
+        return ParsedReply(None, "", f"unreadable reply ({type(error).__name__})")
+
+
+def _parse(reply: Any) -> ParsedReply:
+    if not isinstance(reply, str) or not reply.strip():
         return ParsedReply(None, "", "empty reply")
     text = _THINKING.sub("", reply).strip()
     found: list[float] = []
@@ -87,7 +106,7 @@ def parse_rating(reply: str | None) -> ParsedReply:
             if key in lowered:
                 number = _as_rating(lowered[key])
                 if number is None:
-                    return ParsedReply(None, "", f"rating {lowered[key]!r} is not a number")
+                    return ParsedReply(None, "", f"rating {repr(lowered[key])[:40]} is not a number")
                 found.append(number)
                 break
         evaluation = evaluation or str(lowered.get("evaluation", ""))
@@ -96,7 +115,10 @@ def parse_rating(reply: str | None) -> ParsedReply:
             scale = match.group(2)
             if scale and scale.replace("/", "").strip() != "4":
                 return ParsedReply(None, "", f"rating given on another scale ({match.group(0).strip()!r})")
-            found.append(float(match.group(1)))
+            number = _finite(match.group(1))
+            if number is None:
+                return ParsedReply(None, "", f"rating {match.group(1)[:20]!r} is not a finite number")
+            found.append(number)
     if not found:
         return ParsedReply(None, "", "no rating found")
     distinct = sorted(set(found))

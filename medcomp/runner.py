@@ -158,6 +158,8 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
 
     stage = notebook.stem
     executed = run_dir / f"{stage}.ipynb"
+    incomplete = run_dir / "stages" / stage / "incomplete.json"
+    incomplete.unlink(missing_ok=True)  # only this execution may declare itself unfinished
     started = time.perf_counter()
     error = None
     try:
@@ -177,6 +179,8 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
     html_path = None
     if executed.exists():
         html_path = render_html(executed, run_dir / f"{stage}.html").name
+    if error is None and incomplete.exists():
+        return StageOutcome(stage, "incomplete", seconds, html_path, json.loads(incomplete.read_text())["reason"])
     return StageOutcome(stage, "failed" if error else "ok", seconds, html_path, error)
 
 
@@ -232,7 +236,7 @@ def run_pipeline(
         print(f"[medcomp] {stage}: {outcome.status} in {outcome.seconds:.0f} s")
         outcomes.append(outcome)
         upstream[stage] = token
-        failed = outcome.status == "failed"
+        failed = outcome.status in ("failed", "incomplete")  # later stages would build on missing results
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     atomic_write_json(manifest_path, {**manifest, "artefacts": artefact_hashes(run_dir)})  # what each stage computed, as bits
@@ -285,7 +289,7 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>medcomp run {html.escape(params.run_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}}tr.failed{{background:#fdd}}
-tr.ok{{background:#efe}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}pre.error{{white-space:pre-wrap;font-size:12px}}
+tr.ok{{background:#efe}}tr.incomplete{{background:#fed}}tr.reused{{background:#eef}}tr.stale{{background:#ffd}}pre.error{{white-space:pre-wrap;font-size:12px}}
 .headline table{{width:auto;font-size:13px}}.headline td,.headline th{{padding:3px 6px}}</style></head><body>
 <h1>medcomp run <code>{html.escape(params.run_name)}</code></h1>
 <p>Reproducing <i>Compression Strategies for Efficient Multimodal LLMs in Medical Contexts</i> (arXiv 2507.21976).</p>

@@ -150,6 +150,13 @@ class Run:
         """``save_table`` for each titled frame, named by the title's head ("Table 1 · ..." -> table_1.csv)."""
         return [self.save_table(stage, title.split(" ·")[0].strip().lower().replace(" ", "_"), frame) for title, frame in frames.items()]
 
+    def mark_incomplete(self, stage: str, reason: str | None) -> None:
+        """Declare this execution of ``stage`` unfinished (``reason`` None: nothing to declare). The runner
+        then records it ``incomplete``, exits non-zero, and reruns it next time: what it finished is
+        reused (caches), what it did not is retried."""
+        if reason:
+            atomic_write_json(self.stage_dir(stage) / "incomplete.json", {"reason": reason})
+
     def write_headline(self, stage: str, html_fragment: str) -> None:
         """An HTML fragment the run's index page shows above its list of notebooks."""
         atomic_write_text(self.stage_dir(stage) / "headline.html", html_fragment)

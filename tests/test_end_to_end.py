@@ -102,6 +102,17 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert any(verdict in judge_report for verdict in ("holds", "within noise", "does not hold"))
     judgements = (run_dir / "stages" / "07_judge" / "judgements.jsonl").read_text().splitlines()
     assert judgements and all(json.loads(line)["judge"].startswith("proxy:") for line in judgements)
+    import pandas as pd
+
+    tables = run_dir / "stages" / "07_judge" / "tables"  # the report's tables, as data: numbers, not headings
+    scores = pd.read_csv(tables / "scores.csv", index_col=0)
+    assert {"finetuned", "pruned-7", "recovered-7", "finetuned-bnb", "pruned-7-awq", "recovered-7-rtn"} <= set(scores.index)
+    assert scores["score"].between(25, 100).all() and (scores["95% CI low"] <= scores["score"]).all() and (scores["score"] <= scores["95% CI high"]).all()
+    assert (scores["valid"] + scores["invalid"] + scores["failed"] == 8 * 3).all()  # every test item of every variant
+    verdicts = pd.read_csv(tables / "verdicts.csv", index_col=0)
+    assert len(verdicts) >= 3 and set(verdicts["verdict"]) <= {"holds", "does not hold", "within noise"}
+    table_1 = pd.read_csv(tables / "table_1.csv", index_col=0)
+    assert list(table_1["layers removed"]) == [0, 2, 7] and table_1["score [95% CI]"].str.match(r"^\d+\.\d \[\d+\.\d, \d+\.\d\]$").all()
     index = (run_dir / "index.html").read_text()
     assert index.index("Headline") < index.index("<h2>Notebooks</h2>") and "Table 4 in short" in index and "proxy score" in index
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -205,6 +216,31 @@ def test_bad_params_fail_before_any_work(tmp_path, cache):
     result = run_cli("run", str(params), "--run-dir", str(tmp_path / "run"), cache=cache)
     assert result.returncode == 2 and "finetune.learnig_rate: unknown key" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_that_declares_itself_incomplete_exits_nonzero_and_reruns(tmp_path, cache, monkeypatch):
+    """07 with an unreachable judge: every answer failed, the stage is incomplete, not ok and reused."""
+    import nbformat
+
+    from medcomp.runner import run_pipeline
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    stage = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    stage.cells = [nbformat.v4.new_code_cell('params_file = "auto"\nrun_dir = None', metadata={"tags": ["parameters"]}),
+                   nbformat.v4.new_code_cell("from medcomp.runs import Run\nimport pathlib\nrun = Run(run_dir)\n"
+                                             "flag = pathlib.Path(run_dir) / 'judge_is_up'\n"
+                                             "run.mark_incomplete('01_judge', None if flag.exists() else '3 of 3 answers could not be judged (APIConnectionError: 3)')")]
+    nbformat.write(stage, str(notebooks / "01_judge.ipynb"))
+    monkeypatch.setenv("MEDCOMP_CACHE", str(cache))
+    params = write_params(tmp_path / "p.yaml", "embedded", MINIMAL)
+    first = run_pipeline(params, run_dir=tmp_path / "run", notebooks_dir=notebooks)
+    assert [o.status for o in first] == ["incomplete"] and "could not be judged" in first[0].error
+    index = (tmp_path / "run" / "index.html").read_text()
+    assert 'class="incomplete"' in index and "3 of 3 answers could not be judged" in index
+    (tmp_path / "run" / "judge_is_up").touch()
+    second = run_pipeline(params, run_dir=tmp_path / "run", notebooks_dir=notebooks)
+    assert [o.status for o in second] == ["ok"] and "incomplete" in second[0].reason  # rerun, not reused
 
 
 def test_a_failing_notebook_stops_the_run_and_is_shown(tmp_path, cache, monkeypatch):

@@ -187,6 +187,16 @@ def test_the_transformers_backend_runs_the_embedded_smollm2_through_its_chat_tem
     [judgement] = judge_items(judge, ITEMS[:1], JudgementCache(tmp_path / "c.jsonl"), parse_retries=1, progress=False)
     assert judgement.status in ("valid", "invalid") and judgement.reply  # a 135M model's rating may be poor; the plumbing works
     assert (judgement.rating in (1, 2, 3, 4)) == (judgement.status == "valid")
+    assert "Question:" not in judgement.reply, "only the generated tokens are the reply, not the prompt"
+    # what the model generates is what is parsed: make it generate a rating and read it back
+    rating_ids = judge._tokenizer('{"Evaluation": "close", "Rating": 3}', return_tensors="pt")["input_ids"]
+    real_generate = judge._model.generate
+    judge._model.generate = lambda **kwargs: __import__("torch").cat([kwargs["input_ids"], rating_ids], dim=1)
+    try:
+        [forced] = judge_items(judge, ITEMS[1:2], JudgementCache(tmp_path / "d.jsonl"), parse_retries=0, progress=False)
+    finally:
+        judge._model.generate = real_generate
+    assert forced.status == "valid" and forced.rating == 3 and forced.evaluation == "close"
 
 
 # ------------------------------------------------------------------------------------------ statistics

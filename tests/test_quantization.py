@@ -164,14 +164,23 @@ def test_survival_is_one_when_the_change_is_kept_and_zero_when_rounded_away(tiny
     save_file({"base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight": lora_a,
                "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_B.weight": lora_b}, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    delta = 2 * lora_b @ lora_a
+    half, noisy = load_llava(str(tiny_embedded_model)), load_llava(str(tiny_embedded_model))
     with torch.no_grad():
-        decoder_layers(merged)[1].self_attn.q_proj.weight += 2 * lora_b @ lora_a
-    kept = weight_analysis.finetune_survival(merged, merged, tmp_path)
-    erased = weight_analysis.finetune_survival(base, merged, tmp_path)
-    assert list(kept["linear"]) == ["q_proj"] and list(kept["layer"]) == [1]
-    assert kept["kept"].item() == pytest.approx(1.0, abs=1e-4) and kept["cosine"].item() == pytest.approx(1.0, abs=1e-4)
-    assert erased["kept"].item() == pytest.approx(0.0, abs=1e-4)
-    assert 0 < kept["delta / step"].item() < 1 and 0 <= kept["below half a step"].item() <= 1
+        decoder_layers(merged)[1].self_attn.q_proj.weight += delta
+        decoder_layers(half)[1].self_attn.q_proj.weight += 0.5 * delta  # half the change survived
+        noise = torch.randn_like(delta)
+        noise -= (noise.flatten() @ delta.flatten()) / (delta.flatten() @ delta.flatten()) * delta  # orthogonal to the change
+        decoder_layers(noisy)[1].self_attn.q_proj.weight += delta + noise * (delta.norm() / noise.norm())  # all of it, plus as much noise
+    frames = {name: weight_analysis.finetune_survival(model, merged, tmp_path) for name, model in
+              {"kept": merged, "half": half, "erased": base, "noisy": noisy}.items()}
+    assert list(frames["kept"]["linear"]) == ["q_proj"] and list(frames["kept"]["layer"]) == [1]
+    expected = {"kept": (1.0, 1.0), "half": (0.5, 1.0), "erased": (0.0, None), "noisy": (1.0, 2 ** -0.5)}
+    for name, (kept, cosine) in expected.items():
+        assert frames[name]["kept"].item() == pytest.approx(kept, abs=2e-3), name
+        if cosine is not None:
+            assert frames[name]["cosine"].item() == pytest.approx(cosine, abs=2e-3), name
+    assert 0 < frames["kept"]["delta / step"].item() < 1 and 0 <= frames["kept"]["below half a step"].item() <= 1
 
 
 def test_a_quantizer_failure_is_an_error_that_names_the_cause_not_a_dead_kernel(tiny_embedded_model, conversations, tmp_path):

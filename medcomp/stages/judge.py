@@ -24,6 +24,22 @@ def agreement_table(judged: Judged, cache: JudgementCache, identity: str) -> pd.
     return pd.DataFrame([{"other judge": other, **agreement(current, ratings)} for other, ratings in others.items()]).set_index("other judge")
 
 
+def incomplete_reason(judged: Judged) -> str | None:
+    """Why 07 is unfinished when any answer could not be judged (the judge unreachable, timing out or
+    erring), with counts and causes; None when every answer has a judgement, valid or invalid."""
+    causes: dict[str, int] = {}
+    total = 0
+    for items, judgements in judged.values():
+        total += len(judgements)
+        for judgement in judgements:
+            if judgement.status == "failed":
+                causes[judgement.problem or "unknown"] = causes.get(judgement.problem or "unknown", 0) + 1
+    if not causes:
+        return None
+    return (f"{sum(causes.values())} of {total} answers could not be judged ({'; '.join(f'{c}: {n}' for c, n in causes.items())}); "
+            "a plain rerun retries exactly these")
+
+
 def summary(identity: str, table: pd.DataFrame, scores: dict[str, VariantScore], shown: Sequence[str], ratios: dict[str, Any],
             verdict_table: pd.DataFrame, score_label: str) -> dict[str, Any]:
     """07's key figures for the index: counts, the scores of ``shown`` variants, the pipeline's ratios, the verdicts."""

@@ -1,0 +1,59 @@
+"""Bad params, said plainly: one line per wrong key, and never a secret repeated back.
+
+pydantic's errors become ``dotted.key: what is allowed; got value`` lines (``describe``); a section's
+whole dict is never printed, and a value that may be a pasted key never is. ``looks_like_variable_name``
+tells an environment variable's name from a key pasted in its place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+
+# Key formats of the hosted APIs people paste by mistake, and what a variable name looks like.
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "gsk_", "ghp_", "gho_", "github_pat_", "xai-", "pk-", "rk-", "AKIA", "ASIA", "AIza", "nvapi-", "r8_")
+_VARIABLE_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+
+
+def looks_like_variable_name(value: str) -> bool:
+    """An environment variable's name (OPENAI_API_KEY, HF_TOKEN), not a secret: capitals, digits and
+    underscores, no known key prefix, and no long run of mixed letters and digits (a key's body)."""
+    if not _VARIABLE_NAME.fullmatch(value) or value.startswith(_KEY_PREFIXES):
+        return False
+    return not any(len(run) >= 16 and re.search(r"\d", run) and re.search(r"[A-Z]", run) for run in value.split("_"))
+
+
+def _shown(value: Any) -> str:
+    """A given value as the error line shows it: scalars only, cut short; a section's whole dict never
+    (it is noise, and may hold a pasted secret)."""
+    if isinstance(value, (dict, list, tuple)):
+        return ""
+    text = repr(value)
+    return f"; got {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def describe(error: ValidationError, source: str) -> str:
+    """One line per wrong key: its dotted name, what is allowed, what was given. A union's branches
+    (``batch_size``: a number or 'auto') are reported as one line, not one per branch; a value that may
+    be a secret is never repeated."""
+    lines = [f"invalid params in {source}:"]
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for item in error.errors():
+        # pydantic names a union's branches in the location (constrained-int, literal['auto']): not keys
+        parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and ("[" in part or "-" in part))]
+        by_key.setdefault(".".join(parts) or "(top level)", []).append(item)
+    for key, items in by_key.items():
+        item = items[0]
+        message = " or ".join(dict.fromkeys(i["msg"].removeprefix("Value error, ") for i in items))
+        if key == "(top level)":  # a check across sections: its message names the keys
+            lines.append(f"  {message}")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling and the section it is in)")
+        elif "api_key" in key or "base_url" in key or "value not shown" in message:  # may be a pasted secret: never echoed
+            lines.append(f"  {key}: {message if 'value not shown' in message else message + '; value not shown'}")
+        else:
+            lines.append(f"  {key}: {message}{_shown(item.get('input'))}")
+    return "\n".join(lines)
