@@ -61,7 +61,7 @@ def test_registry_paths_survive_moving_the_run(tmp_path):
     model_dir.mkdir()
     run.register_variant(Variant(name="finetuned", stage="01_finetune", path=str(model_dir)))
     run.register_variant(Variant(name="hub", stage="01_finetune", path="llava-hf/llava-1.5-7b-hf"))
-    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/merged"
+    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "./stages/01_finetune/merged"  # run-relative
 
     moved = Run((tmp_path / "run").rename(tmp_path / "moved"))
     assert moved.variant("finetuned").path == str(tmp_path / "moved" / "stages" / "01_finetune" / "merged")
