@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medcomp.files import content_hash
-from medcomp.validation import describe, looks_like_variable_name
+from medcomp.validation import describe, looks_like_variable_name, secret_like_keys
 from medcomp.knowledge import DISEASES_BY_SLUG, QUESTIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -322,6 +322,14 @@ class Params(Strict):
         if pretraining is not None and self.data.root == "synthetic" and pretraining.seed == self.data.synthetic.seed:
             raise ValueError(f"model.embedded.pretraining.seed equals data.synthetic.seed ({pretraining.seed}): "
                              "pretraining images must come from their own seed, disjoint from train and test")
+        return self
+
+    @model_validator(mode="after")
+    def _no_secret_anywhere(self) -> "Params":
+        found = secret_like_keys(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(f"{', '.join(found)}: holds what looks like an API key; params are written to the manifest and every report, "
+                             "so keys live only in the environment (judge.api_key_env names the variable); value not shown")
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,19 @@ _KEY_PREFIXES = ("sk-", "sk_", "hf_", "gsk_", "ghp_", "gho_", "github_pat_", "xa
 _VARIABLE_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 
 
+_SECRET = re.compile(r"(?:" + "|".join(re.escape(prefix) for prefix in _KEY_PREFIXES) + r")[A-Za-z0-9_\-]{12,}")
+
+
+def secret_like_keys(values: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of string values that carry something shaped like an API key (a known key prefix and
+    a long body): such a value would be written to the manifest and every report."""
+    if isinstance(values, dict):
+        return [key for name, value in values.items() for key in secret_like_keys(value, f"{prefix}{name}.")]
+    if isinstance(values, (list, tuple)):
+        return [key for value in values for key in secret_like_keys(value, prefix)]
+    return [prefix.rstrip(".")] if isinstance(values, str) and _SECRET.search(values) else []
+
+
 def looks_like_variable_name(value: str) -> bool:
     """An environment variable's name (OPENAI_API_KEY, HF_TOKEN), not a secret: capitals, digits and
     underscores, no known key prefix, and no long run of mixed letters and digits (a key's body)."""

@@ -94,6 +94,25 @@ def test_ordinary_variable_names_are_accepted(name):
     assert looks_like_variable_name(name)
 
 
+@pytest.mark.parametrize("key, value", [("judge.model", "sk-proj-AbCdEf0123456789xyz"), ("run_name", "x"), ("data.root", "/data/hf_AbCdEfGhIj0123456789")])
+def test_a_key_pasted_into_any_field_is_refused_without_echo(tmp_path, key, value):
+    from medcomp.sweep import nested
+
+    path = tmp_path / "p.yaml"
+    import yaml
+
+    raw = {"run_name": "x", "world": "real"}
+    section, _, name = key.partition(".")
+    raw.update(nested(key, value) if name else {key: value})
+    path.write_text(yaml.safe_dump(raw))
+    if value == "x":
+        load_params(path)  # an ordinary value passes
+        return
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+    assert value not in str(refused.value) and key in str(refused.value) and "API key" in str(refused.value)
+
+
 def test_credentials_in_the_judge_url_are_refused_without_echo(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("run_name: x\nworld: real\njudge: {base_url: 'http://user:secretpw@localhost:8000/v1'}\n")
