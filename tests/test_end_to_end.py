@@ -43,7 +43,7 @@ SECRET = "sk-e2e-never-written-0123456789"  # a key in the environment, as a use
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEDCOMP_CACHE": str(cache), "OPENAI_API_KEY": SECRET}
-    return subprocess.run([sys.executable, "-m", "medcomp", *args], capture_output=True, text=True, env=env, timeout=1800)
+    return subprocess.run([sys.executable, "-m", "medcomp", *args], capture_output=True, text=True, env=env, timeout=3600)
 
 
 @pytest.fixture(scope="module")
