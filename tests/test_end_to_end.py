@@ -75,7 +75,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     run = Run(run_dir)
     assert {"finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude", "recovered-7", "recovered-7-magnitude"} <= set(run.variants())
     assert run.variant("finetuned").path.endswith("stages/01_finetune/merged")
-    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "stages/01_finetune/merged"
+    assert json.loads(run.registry_path.read_text())["variants"]["finetuned"]["path"] == "./stages/01_finetune/merged"  # run-relative
     assert len(run.variant("pruned-7").layers_removed) == 7 and run.variant("pruned-7").parent == "finetuned"
     assert run.variant("pruned-7").layers_removed == tuple(sorted(rankings["orders"]["similarity"][:7]))
     for variant in ("finetuned", "pruned-2", "pruned-7", "pruned-7-magnitude"):
