@@ -110,7 +110,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert scores["score"].between(25, 100).all() and (scores["95% CI low"] <= scores["score"]).all() and (scores["score"] <= scores["95% CI high"]).all()
     assert (scores["valid"] + scores["invalid"] + scores["failed"] == 8 * 3).all()  # every test item of every variant
     verdicts = pd.read_csv(tables / "verdicts.csv", index_col=0)
-    assert len(verdicts) >= 3 and set(verdicts["verdict"]) <= {"holds", "does not hold", "within noise"}
+    assert len(verdicts) >= 2 and set(verdicts["verdict"]) <= {"holds", "does not hold", "within noise"}  # the minimal run has the cells for two claims
     table_1 = pd.read_csv(tables / "table_1.csv", index_col=0)
     assert list(table_1["layers removed"]) == [0, 2, 7] and table_1["score [95% CI]"].str.match(r"^\d+\.\d \[\d+\.\d, \d+\.\d\]$").all()
     index = (run_dir / "index.html").read_text()
