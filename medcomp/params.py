@@ -326,10 +326,9 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _no_secret_anywhere(self) -> "Params":
-        found = secret_like_keys(self.model_dump(mode="json"))
-        if found:
-            raise ValueError(f"{', '.join(found)}: holds what looks like an API key; params are written to the manifest and every report, "
-                             "so keys live only in the environment (judge.api_key_env names the variable); value not shown")
+        if found := secret_like_keys(self.model_dump(mode="json")):  # params reach the manifest and every report
+            raise ValueError(f"{', '.join(found)}: holds what looks like an API key; keys live only in the environment "
+                             "(judge.api_key_env names the variable); value not shown")
         return self
 
     @model_validator(mode="after")
