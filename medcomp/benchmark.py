@@ -343,22 +343,3 @@ def efficiency_table(measurements: Sequence[Measurement], reference: str = "fine
                               ("decode ms/token", "decode × finetuned"), ("prefill ms", "prefill × finetuned")]:
             table[ratio] = table[column] / table.loc[reference, column]
     return table
-
-def paper_bandwidth_bounds(paper_table, bandwidth_gb_s: float = 320.0, group_size: int = 64):
-    """What the paper's T4 latencies would be if decoding only had to read the weights once per token:
-    LLaVA-1.5-7B's language model at its Table 4 bit widths, the layers removed read off its parameter
-    count (7.06B unpruned, 0.20B a layer: its "5.85B" is 6 layers), against the latency the paper measured."""
-    import pandas as pd
-
-    m = PAPER_MODEL
-    per_layer_billions = (4 * m["hidden"] ** 2 + 3 * m["hidden"] * m["intermediate"]) / 1e9
-    unpruned = paper_table["parameters (B)"].max()
-    rows = []
-    for method, p in paper_table.iterrows():
-        removed = round((unpruned - p["parameters (B)"]) / per_layer_billions)
-        needed = paper_model_bytes_per_token(removed, int(p["bit width"]), group_size)
-        bound = 1000 * needed / (bandwidth_gb_s * 1e9)
-        rows.append({"method": method, "layers": 32 - removed, "bit width": int(p["bit width"]), "weights read per token GB": round(needed / 1e9, 2),
-                     "bandwidth bound ms/token": round(bound, 1), "paper: measured ms/token": p["latency (ms/token)"],
-                     "measured ÷ bound": round(p["latency (ms/token)"] / bound, 1)})
-    return pd.DataFrame(rows).set_index("method")
