@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: valid (run_name={params.run_name}, world={params.world})")
             return 0
         if args.command == "bootstrap":
+            from medcomp.numerics import in_mode, numerics_environment
+
+            params = load_params(args.params)
+            if not in_mode(params.runtime.numerics):  # torch reads the pins when it loads: start afresh with them
+                command = [sys.executable, "-m", "medcomp", *(argv if argv is not None else sys.argv[1:])]
+                os.execve(sys.executable, command, numerics_environment(params.runtime.numerics))
             from medcomp.data import prepare_dataset
             from medcomp.embedded import prepare_model_source
             from medcomp.notebook import quiet_libraries
 
-            params = load_params(args.params)
             quiet_libraries()
             started = time.perf_counter()
             print("model:", prepare_model_source(params))

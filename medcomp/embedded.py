@@ -46,14 +46,16 @@ EMBEDDED_CHAT_TEMPLATE = (
 
 
 def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir: Path,
-                         dataset_images: Callable[[], Sequence[str]] = tuple) -> str:
+                         dataset_images: Callable[[], Sequence[str]] = tuple, numerics: str = "default") -> str:
     """A hub id or local path passes through; ``embedded:<name>`` is built once and cached.
 
     The embedded build has three cached steps, each in a folder named after the hash of every
     setting it depends on, so changing a setting rebuilds that step and the ones after it:
     assembly, then (see ``medcomp.pretraining``) vision pretraining and LLaVA's stage 1.
     ``dataset_images()`` (called only when the pretrained model must be built) lists the train and
-    test images the pretraining images are checked to share no picture with.
+    test images the pretraining images are checked to share no picture with. Each step's bits depend
+    on the CPU's numerics (``medcomp.numerics``): a mode other than "default" is part of every key.
+    ``pretraining["training_seed"]`` (default: its ``seed``, which also draws the images) seeds the training.
     """
     if not model_id.startswith(EMBEDDED_MODEL_PREFIX):
         return model_id
@@ -64,7 +66,8 @@ def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir
     pretraining = dict(embedded_spec.get("pretraining") or {})
     assembly = {k: v for k, v in embedded_spec.items() if k != "pretraining"}
     models_dir = Path(cache_dir) / "models"
-    assembled = models_dir / f"{name}-{content_hash({'name': model_id, **assembly})}"
+    numerics_key = {} if numerics == "default" else {"numerics": numerics}
+    assembled = models_dir / f"{name}-{content_hash({'name': model_id, **assembly, **numerics_key})}"
     if not (assembled / "config.json").exists():
         build_embedded_llava(assembled, **assembly)
     if not pretraining:
@@ -73,9 +76,10 @@ def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir
     pretraining_root = Path(cache_dir) / "datasets" / f"pretraining-{content_hash(images)}"
     if not (pretraining_root / "captions.jsonl").exists():
         generate_captioned_images(pretraining_root, pretraining["images_per_disease"], pretraining["image_size"], pretraining["seed"])
-    pretrained = models_dir / f"{assembled.name}-pretrained-{content_hash([PRETRAINING_RECIPE_VERSION, pretraining])}"
+    pretrained = models_dir / f"{assembled.name}-pretrained-{content_hash([PRETRAINING_RECIPE_VERSION, pretraining, numerics_key])}"
     if not (pretrained / "pretraining.json").exists():
-        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images()), pretraining, seed=pretraining["seed"])
+        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images()), pretraining,
+                                        seed=pretraining.get("training_seed", pretraining["seed"]))
     return str(pretrained)
 
 
@@ -189,7 +193,15 @@ def prepare_model_source(params) -> str:
     def dataset_images() -> list[str]:
         return [image.path for image in prepare_dataset(params).scan.images]
 
+    return resolve_model_source(params.model.id, embedded_spec(params), params.runtime.cache_path(), dataset_images, params.runtime.numerics)
+
+
+def embedded_spec(params) -> dict[str, Any]:
+    """``model.embedded`` with its seeds resolved from the run's ``seed``: a seed sweep varies the
+    bootstrap too (the tower's initialisation, the pretraining's batches), never its images."""
     spec = params.model.embedded.model_dump()
-    if params.runtime.numerics != "default" and spec.get("pretraining"):  # other numerics build another model: cache it apart
-        spec["pretraining"] = {**spec["pretraining"], "numerics": params.runtime.numerics}
-    return resolve_model_source(params.model.id, spec, params.runtime.cache_path(), dataset_images)
+    if spec["seed"] is None:
+        spec["seed"] = params.seed
+    if spec.get("pretraining"):
+        spec["pretraining"]["training_seed"] = spec["pretraining"]["seed"] + params.seed
+    return spec

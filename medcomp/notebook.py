@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medcomp import plan
-from medcomp.numerics import PINNED_ENV, active_pins
+from medcomp.numerics import PINNED_ENV, active_pins, in_mode, pinned_environment
 from medcomp.params import Params, default_params_name, load_params
 from medcomp.runs import Run, write_manifest
 
@@ -47,10 +47,11 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
 
     params = plan.with_batch_sizes(load_params(default_params_name() if params_file == "auto" else params_file, overrides))
     quiet_libraries()
+    if not in_mode(params.runtime.numerics):  # read when torch loaded: too late to set them here
+        wanted = " ".join(f"{k}={v}" for k, v in pinned_environment(params.runtime.numerics).items()) or "none of " + ", ".join(PINNED_ENV)
+        warnings.warn(f"runtime.numerics is {params.runtime.numerics!r} but this kernel started with {active_pins()}: its numbers are not "
+                      f"that mode's. Run through `python -m medcomp run`, or start Jupyter with {wanted} in its environment.")
     if params.runtime.numerics == "pinned":
-        if active_pins() != PINNED_ENV:  # read when torch loaded: too late to set them here
-            warnings.warn(f"runtime.numerics is 'pinned' but this kernel started with {active_pins()}: its numbers are this CPU's defaults. "
-                          "Run through `python -m medcomp run`, or export " + " ".join(f"{k}={v}" for k, v in PINNED_ENV.items()) + " before Jupyter starts.")
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)

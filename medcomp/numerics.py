@@ -33,6 +33,26 @@ def pinned_environment(mode: str) -> dict[str, str]:
     return dict(PINNED_ENV) if mode == "pinned" else {}
 
 
+def numerics_environment(mode: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: this process's) as a process computing in ``mode`` must start: the pins set
+    when pinned, and removed when default (a "default" run's numbers must not be an earlier pinned
+    run's, or a shell's left-over variable's)."""
+    environment = {name: value for name, value in (os.environ if environ is None else environ).items() if name not in PINNED_ENV}
+    return {**environment, **pinned_environment(mode)}
+
+
+def set_for_children(mode: str) -> None:
+    """Set this process's environment so that every process it starts computes in ``mode``."""
+    for name in PINNED_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(pinned_environment(mode))
+
+
+def in_mode(mode: str) -> bool:
+    """Whether this process started with exactly ``mode``'s pins (torch reads them once, when it loads)."""
+    return active_pins() == {name: pinned_environment(mode).get(name) for name in PINNED_ENV}
+
+
 def active_pins() -> dict[str, str | None]:
     """The pinning variables as this process sees them (None: not set)."""
     return {name: os.environ.get(name) for name in PINNED_ENV}
@@ -94,7 +114,7 @@ def fingerprint() -> dict[str, Any]:
 def kernel_fingerprint(mode: str) -> dict[str, Any]:
     """``fingerprint`` as a notebook kernel of a run in ``mode`` sees it: measured in a fresh process
     started with the same environment, since the pins act only when torch loads."""
-    env = {**os.environ, **pinned_environment(mode)}
+    env = numerics_environment(mode)
     result = subprocess.run([sys.executable, "-m", "medcomp.numerics"], capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}

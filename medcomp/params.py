@@ -54,7 +54,7 @@ class EmbeddedModelParams(Strict):
     patch_size: int = Field(16, ge=2, le=32)
     vision_layers: int = Field(4, ge=2, le=24)
     vision_hidden_size: int = Field(192, ge=32, le=1024)
-    seed: int = 0
+    seed: int | None = Field(None, description="the tower's initialisation; None: the run's seed")
     pretraining: EmbeddedPretrainingParams | None = Field(None, description="None: tower and projector stay random")
 
 

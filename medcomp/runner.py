@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
-from medcomp.numerics import artefact_hashes, kernel_fingerprint, pinned_environment
+from medcomp.numerics import artefact_hashes, kernel_fingerprint, set_for_children
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -196,7 +196,8 @@ def run_pipeline(
     params_path = resolve_params_path(params_file).resolve()
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(pinned_environment(params.runtime.numerics))  # read by torch in every kernel and child this run starts
+    # read by torch in every kernel and child this run starts (a sweep's next point may ask for other numerics)
+    set_for_children(params.runtime.numerics)
     numerics = {"mode": params.runtime.numerics, **kernel_fingerprint(params.runtime.numerics)}
     write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
     shared = {"params": params.fingerprint(), "package": package_fingerprint()}

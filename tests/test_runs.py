@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,61 @@ def test_artefact_hashes_name_each_stage_that_wrote_its_artefact(tmp_path):
     assert hashes == {"02_layer_importance": numerics.sha256_prefix(rankings)} and len(hashes["02_layer_importance"]) == 16
     rankings.write_text('{"orders": {"x": [1]}}')
     assert numerics.artefact_hashes(tmp_path)["02_layer_importance"] != hashes["02_layer_importance"]
+
+
+def test_numerics_environment_sets_pins_when_pinned_and_removes_them_when_default(monkeypatch):
+    from medcomp import numerics
+
+    shell = {"PATH": "/bin", "MKL_CBWR": "AVX2", "HOME": "/root"}  # a shell's left-over pin
+    assert numerics.numerics_environment("default", shell) == {"PATH": "/bin", "HOME": "/root"}
+    assert numerics.numerics_environment("pinned", {"PATH": "/bin"}) == {"PATH": "/bin", **numerics.PINNED_ENV}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    numerics.set_for_children("pinned")  # a sweep's pinned point after a default one, and back
+    assert numerics.active_pins() == numerics.PINNED_ENV and numerics.in_mode("pinned") and not numerics.in_mode("default")
+    numerics.set_for_children("default")
+    assert numerics.active_pins() == {name: None for name in numerics.PINNED_ENV} and numerics.in_mode("default")
+
+
+def test_embedded_cache_keys_follow_the_seed_and_the_numerics(tmp_path):
+    """A pinned run must not reuse a default-built bootstrap (the reference's assembled models differ
+    by numerics), and a seed sweep redoes the bootstrap, while the pretraining images stay shared."""
+    from medcomp.embedded import embedded_spec, resolve_model_source
+    from medcomp.params import load_params
+
+    names = {}
+    for seed, numerics in [(0, "default"), (0, "pinned"), (1, "default")]:
+        params = load_params("embedded", {"seed": seed, "runtime": {"numerics": numerics}})
+        names[seed, numerics] = _cache_names(params, tmp_path)
+    assert names[0, "default"]["assembled"] != names[0, "pinned"]["assembled"]
+    assert names[0, "default"]["pretrained"] != names[0, "pinned"]["pretrained"]
+    assert names[0, "default"]["pretrained"] != names[1, "default"]["pretrained"]
+    assert names[0, "default"]["assembled"] != names[1, "default"]["assembled"]  # the tower's initialisation
+    assert len({n["images"] for n in names.values()}) == 1  # one set of pretraining images for all
+
+
+def _cache_names(params, cache: Path) -> dict[str, str]:
+    """The folders ``resolve_model_source`` would read, found by marking each one built as it asks."""
+    from unittest import mock
+
+    from medcomp import embedded
+
+    seen: dict[str, str] = {}
+
+    def build_assembled(directory, **_):
+        seen["assembled"] = directory.name
+        (directory).mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text("{}")
+
+    def build_images(root, *_):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "captions.jsonl").write_text("")
+
+    def build_pretrained(assembled, pretrained, images_root, *_, seed):
+        seen["pretrained"], seen["images"], seen["training seed"] = pretrained.name, images_root.name, seed
+
+    with mock.patch.object(embedded, "build_embedded_llava", build_assembled), \
+            mock.patch("medcomp.synthetic.generate_captioned_images", build_images), \
+            mock.patch("medcomp.pretraining.build_pretrained_embedded_llava", build_pretrained):
+        embedded.resolve_model_source(params.model.id, embedded.embedded_spec(params), cache, tuple, params.runtime.numerics)
+    assert seen["training seed"] == 1000 + params.seed
+    return seen
