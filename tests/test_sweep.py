@@ -48,7 +48,7 @@ def test_score_spread_over_points():
 
 
 @pytest.mark.slow
-def test_a_seed_sweep_runs_one_folder_per_point_and_shares_the_bootstrap(tmp_path):
+def test_a_seed_sweep_runs_one_folder_per_point_shares_the_data_and_reseeds_the_bootstrap(tmp_path):
     import os
     import subprocess
     import sys
@@ -68,6 +68,8 @@ def test_a_seed_sweep_runs_one_folder_per_point_and_shares_the_bootstrap(tmp_pat
         assert yaml.safe_load((tmp_path / "sweep" / "points" / f"seed{seed}.yaml").read_text())["seed"] == seed
         assert (point / "stages" / "01_finetune" / "summary.json").exists()
     pretrained = [path for path in (cache / "models").iterdir() if "-pretrained-" in path.name and "." not in path.name]
-    assert len(pretrained) == 1, "the bootstrap is built once and shared by the points"
+    assert len(pretrained) == 2, "the seed is the bootstrap's too: one per point"
+    datasets = sorted(path.name.rsplit("-", 1)[0] for path in (cache / "datasets").iterdir())
+    assert datasets == ["dermnet-synthetic", "pretraining"], "the data and the pretraining images are built once and shared"
     index = (tmp_path / "sweep" / "index.html").read_text()
     assert "seed0" in index and "seed1" in index and "01_finetune · naming accuracy" in index
