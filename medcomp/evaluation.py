@@ -43,8 +43,7 @@ def generate_answers(
         batch = [examples[i] for i in indices]
         texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
         inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True), model)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = greedy_tokens(model, inputs, max_new_tokens, end_ids)
         for index, example, tokens, text in zip(indices, batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
             rows_by_index[index] = (
                 {
@@ -54,11 +53,51 @@ def generate_answers(
                     "question": example.question,
                     "reference": example.reference,
                     "answer": text.strip(),
-                    "new_tokens": int((tokens != processor.tokenizer.pad_token_id).sum()),
+                    "new_tokens": sum(t != processor.tokenizer.pad_token_id for t in tokens),
                     "stopped": any(int(t) in end_ids for t in tokens),
                 }
             )
     return [rows_by_index[i] for i in range(len(examples))]
+
+
+@torch.inference_mode()
+def greedy_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, end_ids: set[int]) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch that drops each row from the batch once it has ended.
+
+    ``model.generate`` decodes every row until the batch's longest answer ends: with the rambling
+    answers of pruned and quantized models (measured on the embedded run: 27-58 % of the decoded
+    positions of a pruned model belong to rows that had already ended) most of the work is thrown
+    away. This loop is ``generate``'s greedy search (positions from the attention mask, as
+    ``generate`` computes them; the model's own KV cache), except that the cache, mask and
+    positions keep only unfinished rows (``Cache.reorder_cache``, what beam search uses). Returns
+    each row's tokens, its end token included. Tested against ``generate`` token for token.
+    """
+    from transformers import DynamicCache
+
+    mask = inputs["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache()
+    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=logits.device)
+    rows = torch.arange(mask.shape[0], device=logits.device)
+    tokens: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    next_positions = positions[:, -1:]
+    for step in range(max_new_tokens):
+        chosen = logits.float().argmax(-1)
+        for row, token in zip(rows.tolist(), chosen.tolist()):
+            tokens[row].append(token)
+        unfinished = ~torch.isin(chosen, ends)
+        if step == max_new_tokens - 1 or not bool(unfinished.any()):
+            break
+        if not bool(unfinished.all()):
+            keep = unfinished.nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            rows, mask, chosen, next_positions = rows[keep], mask[keep], chosen[keep], next_positions[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        next_positions = next_positions + 1
+        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+    return tokens
 
 
 def _alias_pattern(alias: str) -> re.Pattern[str]:

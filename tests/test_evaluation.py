@@ -45,3 +45,32 @@ def test_peak_memory_matches_the_kernels_high_water_mark():
     assert peak == pytest.approx(high_water_kib / 2**20, abs=0.02)
     assert peak > 0.29
     del block
+
+
+def test_greedy_tokens_drops_ended_rows_and_matches_generate_token_for_token(tiny_embedded_model, synthetic_root):
+    """The row-dropping loop is ``generate``'s greedy search: same tokens for every row, whether a row
+    ends first, last or never, on a left-padded batch (float64: no near-tie can flip between the two
+    batch shapes)."""
+    from medcomp.evaluation import greedy_tokens
+    from medcomp.data import load_rgb
+    from medcomp.loading import to_model
+
+    examples = build_conversations(select_split(scan_dermnet(synthetic_root, [d.slug for d in DISEASES]).images, "test", total=3))
+    model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
+    model = model.double()
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in examples[:6]]
+    inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in examples[:6]], return_tensors="pt", padding=True), model)
+    assert bool((inputs["attention_mask"] == 0).any()), "the batch is left-padded"
+    free = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, inputs["input_ids"].shape[1]:]
+    # end tokens the random model does emit, at different steps in different rows
+    ends = {int(free[0, 2]), int(free[3, 6])}
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=sorted(ends))[:, inputs["input_ids"].shape[1]:]
+    expected = []
+    for row in generated.tolist():  # up to and including a row's first end token; generate pads after it
+        ended = next((i for i, t in enumerate(row) if t in ends), None)
+        expected.append(row if ended is None else row[: ended + 1])
+    got = greedy_tokens(model, inputs, 12, ends)
+    assert got == expected
+    lengths = sorted({len(row) for row in got})
+    assert len(lengths) >= 2 and lengths[0] < 12, f"rows must end at different steps to test the dropping: {lengths}"
