@@ -15,13 +15,14 @@ threads), so its hash compares with the reference values measured on other machi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -46,6 +47,21 @@ def set_for_children(mode: str) -> None:
     for name in PINNED_ENV:
         os.environ.pop(name, None)
     os.environ.update(pinned_environment(mode))
+
+
+@contextlib.contextmanager
+def children_in(mode: str) -> Iterator[None]:
+    """``set_for_children(mode)`` for the duration of a ``with`` block, then the pins as they were."""
+    saved = active_pins()
+    set_for_children(mode)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def in_mode(mode: str) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
-from medcomp.numerics import artefact_hashes, kernel_fingerprint, set_for_children
+from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -196,53 +196,54 @@ def run_pipeline(
     params_path = resolve_params_path(params_file).resolve()
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # read by torch in every kernel and child this run starts (a sweep's next point may ask for other numerics)
-    set_for_children(params.runtime.numerics)
-    numerics = {"mode": params.runtime.numerics, **kernel_fingerprint(params.runtime.numerics)}
-    write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
-    shared = {"params": params.fingerprint(), "package": package_fingerprint()}
+    # read by torch in every kernel and child this run starts (a sweep's next point may ask for other numerics);
+    # the caller's environment is given back afterwards
+    with children_in(params.runtime.numerics):
+        numerics = {"mode": params.runtime.numerics, **kernel_fingerprint(params.runtime.numerics)}
+        write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
+        shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
-    write_index(run_dir, params, [])  # the forecast shows before any stage runs
-    outcomes: list[StageOutcome] = []
-    upstream: dict[str, str | None] = {}  # execution token of every earlier stage
-    failed = False
-    for notebook in discover_notebooks(notebooks_dir):
-        stage = notebook.stem
-        inputs = {**shared, "notebook": notebook_fingerprint(notebook), "upstream": dict(upstream)}
-        previous = _read_status(run_dir, stage)
-        stale = why_stale(previous, inputs)
-        if failed or (only and stage not in only):
-            if previous is None:
-                outcomes.append(StageOutcome(stage, "not run", 0.0, None, reason="an earlier stage failed" if failed else "not selected by --only"))
-            else:
-                outcomes.append(StageOutcome(stage, "stale" if stale else "reused", previous["seconds"], previous.get("html"),
-                                             reason=f"not run now; {stale}" if stale else "not run now; up to date"))
-            upstream[stage] = previous.get("token") if previous else None
-            continue
-        if not force and not only and stale is None:
-            print(f"[medcomp] {stage}: reusing the finished stage ({previous['seconds']:.0f} s): nothing it depends on changed; --force redoes it")
-            outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html"), reason="nothing it depends on changed"))
-            upstream[stage] = previous["token"]
-            continue
-        reason = "--force" if force else "redone by --only" if only else stale
-        print(f"[medcomp] {stage}: running ({reason})")
-        outcome = execute_stage(notebook, run_dir, params_path)
-        outcome.reason = reason
-        token = uuid.uuid4().hex[:16]
-        atomic_write_json(
-            _status_path(run_dir, stage),
-            {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html, "error": outcome.error,
-             "reason": reason, "token": token, "inputs": inputs},
-        )
-        print(f"[medcomp] {stage}: {outcome.status} in {outcome.seconds:.0f} s")
-        outcomes.append(outcome)
-        upstream[stage] = token
-        failed = outcome.status in ("failed", "incomplete")  # later stages would build on missing results
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    atomic_write_json(manifest_path, {**manifest, "artefacts": artefact_hashes(run_dir)})  # what each stage computed, as bits
-    write_index(run_dir, params, outcomes)
-    return outcomes
+        write_index(run_dir, params, [])  # the forecast shows before any stage runs
+        outcomes: list[StageOutcome] = []
+        upstream: dict[str, str | None] = {}  # execution token of every earlier stage
+        failed = False
+        for notebook in discover_notebooks(notebooks_dir):
+            stage = notebook.stem
+            inputs = {**shared, "notebook": notebook_fingerprint(notebook), "upstream": dict(upstream)}
+            previous = _read_status(run_dir, stage)
+            stale = why_stale(previous, inputs)
+            if failed or (only and stage not in only):
+                if previous is None:
+                    outcomes.append(StageOutcome(stage, "not run", 0.0, None, reason="an earlier stage failed" if failed else "not selected by --only"))
+                else:
+                    outcomes.append(StageOutcome(stage, "stale" if stale else "reused", previous["seconds"], previous.get("html"),
+                                                 reason=f"not run now; {stale}" if stale else "not run now; up to date"))
+                upstream[stage] = previous.get("token") if previous else None
+                continue
+            if not force and not only and stale is None:
+                print(f"[medcomp] {stage}: reusing the finished stage ({previous['seconds']:.0f} s): nothing it depends on changed; --force redoes it")
+                outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html"), reason="nothing it depends on changed"))
+                upstream[stage] = previous["token"]
+                continue
+            reason = "--force" if force else "redone by --only" if only else stale
+            print(f"[medcomp] {stage}: running ({reason})")
+            outcome = execute_stage(notebook, run_dir, params_path)
+            outcome.reason = reason
+            token = uuid.uuid4().hex[:16]
+            atomic_write_json(
+                _status_path(run_dir, stage),
+                {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html, "error": outcome.error,
+                 "reason": reason, "token": token, "inputs": inputs},
+            )
+            print(f"[medcomp] {stage}: {outcome.status} in {outcome.seconds:.0f} s")
+            outcomes.append(outcome)
+            upstream[stage] = token
+            failed = outcome.status in ("failed", "incomplete")  # later stages would build on missing results
+        manifest_path = run_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        atomic_write_json(manifest_path, {**manifest, "artefacts": artefact_hashes(run_dir)})  # what each stage computed, as bits
+        write_index(run_dir, params, outcomes)
+        return outcomes
 
 
 def numerics_html(run_dir: Path) -> str:
