@@ -189,3 +189,31 @@ def test_a_quantizer_failure_is_an_error_that_names_the_cause_not_a_dead_kernel(
         quantizers.quantize("awq", str(tiny_embedded_model), tmp_path / "awq", conversations)
     assert "AssertionError" in str(failure.value)
     assert not (tmp_path / "awq").exists()
+
+
+def test_row_dropping_answers_equal_generate_on_every_kind_of_4bit_model(outlier_model, conversations, synthetic_root, tmp_path):
+    """05 answers with ``evaluation.greedy_tokens`` on GPTQModel's int4 layers, bitsandbytes nf4 and a
+    peft adapter over nf4: its row-dropping cache works through each, and gives ``generate``'s tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    from medcomp.data import load_rgb, select_split
+    from medcomp.evaluation import greedy_tokens
+    from medcomp.loading import to_model
+
+    processor = load_processor(str(outlier_model))
+    processor.tokenizer.padding_side = "left"
+    examples = build_conversations(select_split(scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG), DERMNET_FOLDER_RULES).images, "test", total=2))
+    texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in examples]
+    awq = loading.load_quantized(quantizers.quantize("awq", str(outlier_model), tmp_path / "awq", conversations).path)
+    nf4 = load_llava(str(outlier_model), quantization_config=loading.bnb_4bit_config("float32", loading.FULL_PRECISION_MODULES))
+    adapter = get_peft_model(load_llava(str(outlier_model), quantization_config=loading.bnb_4bit_config("float32", loading.FULL_PRECISION_MODULES)),
+                             LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    for kind, model in {"awq": awq, "nf4": nf4, "nf4 + adapter": adapter}.items():
+        model.eval()
+        inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in examples], return_tensors="pt", padding=True), model)
+        start = inputs["input_ids"].shape[1]
+        free = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)[:, start:]
+        ends = {int(free[0, 1]), int(free[len(examples) - 1, 4])}  # tokens this model emits: rows end at different steps
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=sorted(ends))[:, start:].tolist()
+        expected = [row[: next((i + 1 for i, t in enumerate(row) if t in ends), len(row))] for row in generated]
+        assert greedy_tokens(model, inputs, 8, ends) == expected, kind
