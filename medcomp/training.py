@@ -193,6 +193,15 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
     return trainer, time.perf_counter() - started
 
 
+def _seed(seed: int) -> None:
+    """Seed before the model is built: the LoRA initialisation draws random numbers before ``Trainer``
+    seeds itself, so without this an adapter depended on whatever ran earlier in the process (the
+    bootstrap, when 01 built it; 04's first recovery, for its second)."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def _parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
@@ -227,6 +236,7 @@ def finetune(
     """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and the merged model (``merged_dir``,
     default ``output_dir/merged``; a scratch folder keeps the heavy copy out of the run folder)."""
     import_gptqmodel_quietly()
+    _seed(seed)
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
@@ -251,6 +261,7 @@ def finetune_on_quantized(
     """
     from peft import get_peft_model
 
+    _seed(seed)
     output_dir = Path(output_dir)
     processor = load_processor(processor_source)
     base = load_quantized(quantized_source, device, params.compute_dtype)
@@ -282,6 +293,7 @@ def train_modules_only(
     stages start from, and rounding it would change it. No adapter is involved, so the model is
     saved as it is, to ``target_dir`` (default ``output_dir/merged``).
     """
+    _seed(seed)
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_llava(source, dtype=model_dtype, device=device)

@@ -107,3 +107,21 @@ def test_multi_turn_labels_cover_every_answer_and_nothing_else(fixture, request,
     eos = processor.tokenizer.eos_token_id
     assert int(((encoded["input_ids"] == eos) & labelled).sum()) == 3
     assert int((encoded["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 4
+
+
+def test_a_finetune_does_not_depend_on_what_drew_random_numbers_before_it(tiny_embedded_model, synthetic_root, tmp_path):
+    """01 built the embedded bootstrap in its own kernel when the cache was cold, which drew random
+    numbers before the LoRA initialisation: the adapter then differed from a warm-cache run's
+    (``dea22cd1`` against ``75c25ce1``), and 04's second recovery depended on its first. The entry
+    points seed themselves."""
+    from safetensors.torch import load_file
+
+    examples = _examples(synthetic_root)[:4]
+    params = load_params("embedded", {"finetune": {"max_steps": 1, "batch_size": 2, "logging_steps": 1}}).finetune
+    adapters = []
+    for index, draws in enumerate((0, 1000)):
+        torch.rand(draws)
+        result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / f"ft{index}", seed=3)
+        adapters.append(load_file(result.adapter_dir / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
