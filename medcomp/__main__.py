@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             from medcomp.notebook import quiet_libraries
 
             quiet_libraries()
+            import torch
+
+            torch.set_num_threads(params.runtime.threads)  # as the notebook kernels: a sum's bits depend on how it is split
             started = time.perf_counter()
             print("model:", prepare_model_source(params))
             print(f"model ready in {time.perf_counter() - started:.0f} s")
