@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import sys
 import time
 import uuid
