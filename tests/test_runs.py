@@ -79,6 +79,30 @@ def test_numerics_probe_is_deterministic_and_pins_reach_a_fresh_process():
     assert numerics.pinned_environment("default") == {}
 
 
+def test_kernel_fingerprint_is_measured_once_per_mode_and_a_failure_is_retried(monkeypatch):
+    """Every run of a sweep (and of a test) measured it again in a child: ~8 s each."""
+    import subprocess
+
+    from medcomp import numerics
+
+    monkeypatch.setattr(numerics, "_MEASURED", {})
+    calls = []
+
+    def child(command, env, **kwargs):
+        calls.append(env.get("MKL_CBWR"))
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(command, 1, "", "Traceback\nRuntimeError: torch failed to load")
+        return subprocess.CompletedProcess(command, 0, json.dumps({"probe hash": f"hash-{env.get('MKL_CBWR')}"}), "")
+
+    monkeypatch.setattr(numerics.subprocess, "run", child)
+    assert numerics.kernel_fingerprint("pinned") == {"error": "RuntimeError: torch failed to load"}
+    assert numerics.kernel_fingerprint("pinned") == {"probe hash": "hash-AVX2"}  # the failure was not kept
+    numerics.kernel_fingerprint("pinned")["probe hash"] = "changed by a caller"
+    assert numerics.kernel_fingerprint("pinned") == {"probe hash": "hash-AVX2"}
+    assert numerics.kernel_fingerprint("default") == {"probe hash": "hash-None"}
+    assert calls == ["AVX2", "AVX2", None]
+
+
 def test_artefact_hashes_name_each_stage_that_wrote_its_artefact(tmp_path):
     from medcomp import numerics
 
