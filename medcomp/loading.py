@@ -188,7 +188,8 @@ def to_model(batch: Any, model) -> dict[str, Any]:
 
 def serving_dtype(kind: str | None, dtype: str, device: str) -> str:
     """The dtype a variant of format ``kind`` is served in: ``dtype``, except AWQ/RTN checkpoints on the
-    CPU, whose int4 kernel (GPTQModel's ``torch_fused_awq``) takes bf16 or fp32 activations, never fp16."""
+    CPU, whose int4 kernel (GPTQModel's ``torch_fused_awq``) takes bf16 or fp32 activations, never fp16.
+    (It computes in bf16 either way: its ``forward`` casts fp32 activations, and its scales, to bf16.)"""
     if kind in ("awq", "rtn", "adapter-on-quantized") and str(device).startswith("cpu") and dtype == "float16":
         return "float32"
     return dtype
