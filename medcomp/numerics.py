@@ -166,10 +166,36 @@ def sha256_prefix(path: Path | str, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def _location_free(value: Any) -> Any:
+    """``value`` with every absolute path cut to its last three parts (``test/<disease folder>/x.jpg``,
+    ``stages/01_finetune/merged``): where the run folder and the cache live is not what was computed."""
+    if isinstance(value, dict):
+        return {key: _location_free(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_location_free(item) for item in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return "/".join(Path(value).parts[-3:])
+    return value
+
+
+def artefact_digest(path: Path | str, length: int = 16) -> str:
+    """sha256 prefix of what an artefact computed. JSON and JSON-lines files are hashed as their parsed
+    content with absolute paths made location-free (answers name their image by path, 02's rankings its
+    model), so two runs that computed the same thing in different folders or caches agree; other files
+    (safetensors, CSV) by their bytes."""
+    path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        return sha256_prefix(path, length)
+    text = path.read_text(encoding="utf-8")
+    content = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    canonical = json.dumps(_location_free(content), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]
+
+
 def artefact_hashes(run_dir: Path | str) -> dict[str, str]:
-    """sha256 prefixes of each stage's main artefact that exists in ``run_dir`` (``STAGE_ARTEFACTS``)."""
+    """``artefact_digest`` of each stage's main artefact that exists in ``run_dir`` (``STAGE_ARTEFACTS``)."""
     run_dir = Path(run_dir)
-    return {stage: sha256_prefix(run_dir / relative) for stage, relative in STAGE_ARTEFACTS.items() if (run_dir / relative).exists()}
+    return {stage: artefact_digest(run_dir / relative) for stage, relative in STAGE_ARTEFACTS.items() if (run_dir / relative).exists()}
 
 
 if __name__ == "__main__":  # ``kernel_fingerprint``'s child

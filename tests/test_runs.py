@@ -110,9 +110,37 @@ def test_artefact_hashes_name_each_stage_that_wrote_its_artefact(tmp_path):
     rankings.parent.mkdir(parents=True)
     rankings.write_text('{"orders": {}}')
     hashes = numerics.artefact_hashes(tmp_path)
-    assert hashes == {"02_layer_importance": numerics.sha256_prefix(rankings)} and len(hashes["02_layer_importance"]) == 16
+    assert set(hashes) == {"02_layer_importance"} and len(hashes["02_layer_importance"]) == 16
     rankings.write_text('{"orders": {"x": [1]}}')
     assert numerics.artefact_hashes(tmp_path)["02_layer_importance"] != hashes["02_layer_importance"]
+    adapter = tmp_path / "stages" / "01_finetune" / "adapter" / "adapter_model.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"\x00\x01")
+    assert numerics.artefact_hashes(tmp_path)["01_finetune"] == numerics.sha256_prefix(adapter)  # binary: its bytes
+
+
+def test_artefact_hashes_say_what_was_computed_not_where_the_run_and_cache_live(tmp_path):
+    """The same answers and rankings, written by runs in two folders with two caches, hash the same;
+    a different answer, or the same image in another split, does not."""
+    from medcomp import numerics
+
+    def write_run(run_dir, cache, answer="This is acne.", split="test"):
+        image = f"{cache}/datasets/dermnet-synthetic-d25f3a9b2e6e/{split}/Acne and Rosacea Photos/acne-1.jpg"
+        rows = [{"variant": "pruned-7", "image": image, "question": "What is the name of this disease?", "answer": answer,
+                 "new_tokens": 5, "stopped": True}]
+        (run_dir / "answers").mkdir(parents=True)
+        (run_dir / "answers" / "pruned-7.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rankings = run_dir / "stages" / "02_layer_importance" / "rankings.json"
+        rankings.parent.mkdir(parents=True)
+        rankings.write_text(json.dumps({"orders": {"similarity": [14, 13]}, "model": f"{run_dir}/stages/01_finetune/merged"}, indent=2))
+        return numerics.artefact_hashes(run_dir)
+
+    first = write_run(tmp_path / "a" / "seed0", "/tmp/sweepcache")
+    assert write_run(tmp_path / "elsewhere" / "run", "/root/.cache/medcomp") == first
+    assert set(first) == {"02_layer_importance", "03_prune"}
+    other_answer = write_run(tmp_path / "b", "/tmp/sweepcache", answer="This is eczema.")
+    assert other_answer["03_prune"] != first["03_prune"] and other_answer["02_layer_importance"] == first["02_layer_importance"]
+    assert write_run(tmp_path / "c", "/tmp/sweepcache", split="train")["03_prune"] != first["03_prune"]
 
 
 def test_numerics_environment_sets_pins_when_pinned_and_removes_them_when_default(monkeypatch):
