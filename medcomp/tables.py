@@ -22,6 +22,23 @@ from medcomp.scoring import VariantScore
 PAPER_ROW_BY_LAYERS_OF_32 = {7: "Pruned LLaVA (5.6 B)", 9: "Pruned LLaVA (5.2 B)"}
 
 
+NOT_IN_THE_PAPER = "—"
+
+
+def _table(rows: Sequence[dict[str, Any]], index: str) -> pd.DataFrame:
+    """The frame a report shows: one row per dict, indexed by ``index``. A cell a row has no value for
+    (a paper column beside a variant the paper never built: QLoRA deployment, the magnitude baseline;
+    RTN beside a model quantized by AWQ and bitsandbytes only) reads "—", not pandas' NaN."""
+    rows = list(rows)
+    if not rows:
+        return pd.DataFrame(columns=[index]).set_index(index)
+    frame = pd.DataFrame(rows).set_index(index)
+    missing = [column for column in frame.columns if frame[column].isna().any()]
+    for column in missing:
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), NOT_IN_THE_PAPER)
+    return frame
+
+
 def paper_layers_of_32(fraction: float | None) -> int | None:
     """The paper's layer count (of 32) for a pruning level given as a fraction of the depth."""
     return None if fraction is None else round(fraction * 32)
@@ -101,7 +118,7 @@ def table_1(results: Sequence[dict[str, Any]], paper_table: pd.DataFrame, dtype:
         rows.append(_table_1_row(result, base, dtype, paper_row))
     for result in (r for r in results if r["ranking"] == "magnitude"):
         rows.append(_table_1_row(result, base, dtype, None))
-    return pd.DataFrame(rows).set_index("variant")
+    return _table(rows, "variant")
 
 
 def _table_1_row(result, base, dtype, paper_row) -> dict[str, Any]:
@@ -146,7 +163,7 @@ def table_2(results: Sequence[dict[str, Any]], paper_table: pd.DataFrame, num_la
         if paper_row is not None:
             row |= {f"paper: {column}": value for column, value in paper_row.items()}
         rows.append(row)
-    return pd.DataFrame(rows).set_index("variant")
+    return _table(rows, "variant")
 
 
 def _paper_model_row(result: dict[str, Any]) -> str | None:
@@ -178,7 +195,7 @@ def table_3(results: Sequence[dict[str, Any]], paper_table: pd.DataFrame, refere
         if paper_name in paper_table.index:
             row |= {f"paper: {k}": v for k, v in paper_table.loc[paper_name].items()}
         rows.append(row)
-    return pd.DataFrame(rows).set_index("model")
+    return _table(rows, "model")
 
 
 def table_4(rows: Sequence[tuple[str, dict[str, Any]]], paper_table: pd.DataFrame, reference_bytes: dict[str, int]) -> pd.DataFrame:
@@ -194,16 +211,16 @@ def table_4(rows: Sequence[tuple[str, dict[str, Any]]], paper_table: pd.DataFram
         if method in paper_table.index:
             row |= {f"paper: {k}": v for k, v in paper_table.loc[method].items()}
         table.append(row)
-    return pd.DataFrame(table).set_index("method")
+    return _table(table, "method")
 
 
 def table_5(rows: Sequence[tuple[str, str]], results_by_name: dict[str, dict[str, Any]], paper_table: pd.DataFrame) -> pd.DataFrame:
     """Table 5's ablations of the pipeline as 05 measured them: naming and answers never stopping,
     beside the paper's score and notes; scores come in 07."""
-    return pd.DataFrame([{"setting": setting, "variant": name, "naming accuracy": f"{results_by_name[name]['naming accuracy']:.1%}",
-                          "answers never stopping": f"{results_by_name[name]['never stopped']:.0%}", "score (07_judge)": "see 07",
-                          "paper: score": paper_table.loc[setting, "score"], "paper: notes": paper_table.loc[setting, "notes"]}
-                         for setting, name in rows if name in results_by_name]).set_index("setting")
+    return _table([{"setting": setting, "variant": name, "naming accuracy": f"{results_by_name[name]['naming accuracy']:.1%}",
+                    "answers never stopping": f"{results_by_name[name]['never stopped']:.0%}", "score (07_judge)": "see 07",
+                    "paper: score": paper_table.loc[setting, "score"], "paper: notes": paper_table.loc[setting, "notes"]}
+                   for setting, name in rows if name in results_by_name], "setting")
 
 
 def survival_summary(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -219,7 +236,7 @@ def survival_summary(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
                      "delta / 4-bit step (median)": round(float(frame["delta / step"].median()), 3),
                      "entries below half a step": f"{frame['below half a step'].mean():.1%}",
                      "naming accuracy": f"{r['naming accuracy']:.1%}"})
-    return pd.DataFrame(rows).set_index("variant")
+    return _table(rows, "variant")
 
 
 def table_4_efficiency(rows: Sequence[tuple[str, str]], table, paper_table):
@@ -242,7 +259,7 @@ def table_4_efficiency(rows: Sequence[tuple[str, str]], table, paper_table):
                     "paper: latency ms/token": f"{p['latency (ms/token)']} ({p['latency (ms/token)'] / original['latency (ms/token)']:.2f}×)",
                     "paper: VRAM GB": f"{p['VRAM (GB)']} ({p['VRAM (GB)'] / original['VRAM (GB)']:.2f}×)"}
         out.append(row)
-    return pd.DataFrame(out).set_index("method")
+    return _table(out, "method")
 
 
 def paper_bandwidth_bounds(paper_table, bandwidth_gb_s: float = 320.0, group_size: int = 64):
@@ -260,7 +277,7 @@ def paper_bandwidth_bounds(paper_table, bandwidth_gb_s: float = 320.0, group_siz
         rows.append({"method": method, "layers": 32 - removed, "bit width": int(p["bit width"]), "weights read per token GB": round(needed / 1e9, 2),
                      "bandwidth bound ms/token": round(bound, 1), "paper: measured ms/token": p["latency (ms/token)"],
                      "measured ÷ bound": round(p["latency (ms/token)"] / bound, 1)})
-    return pd.DataFrame(rows).set_index("method")
+    return _table(rows, "method")
 
 
 # ------------------------------------------------------------------------------------------ scored tables (07)
@@ -282,7 +299,7 @@ def scored_table_1(rows: PaperRows, scores: dict[str, VariantScore], paper_table
         row = {"variant": name, "layers removed": len(variants[name].layers_removed), "paper: layers removed (of 32)": layers,
                "parameters (M)": round((variants[name].parameters or 0) / 1e6, 1)}
         table.append(_paper_beside(row, scores.get(name), None if paper is None else float(paper["performance score"])))
-    return pd.DataFrame(table).set_index("variant")
+    return _table(table, "variant")
 
 
 def scored_table_2(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame) -> pd.DataFrame:
@@ -293,7 +310,7 @@ def scored_table_2(rows: PaperRows, scores: dict[str, VariantScore], paper_table
         _paper_beside(row, scores.get(pruned), None if paper is None else float(paper["score before SFT"]), "before:")
         _paper_beside(row, scores.get(recovered), None if paper is None else float(paper["score after SFT"]), "after:")
         table.append(row)
-    return pd.DataFrame(table).set_index("model")
+    return _table(table, "model")
 
 
 def scored_table_3(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame) -> pd.DataFrame:
@@ -307,7 +324,7 @@ def scored_table_3(rows: PaperRows, scores: dict[str, VariantScore], paper_table
                 continue
             _paper_beside(row, scores.get(name), None if paper is None or column is None else float(paper[column]), method.upper() + ":")
         table.append(row)
-    return pd.DataFrame(table).set_index("model").fillna("—")
+    return _table(table, "model")
 
 
 def scored_table_4(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame,
@@ -328,7 +345,7 @@ def scored_table_4(rows: PaperRows, scores: dict[str, VariantScore], paper_table
             row |= {"paper: parameters (B)": paper["parameters (B)"], "paper: bit width": paper["bit width"],
                     "paper: latency (ms/token)": paper["latency (ms/token)"], "paper: VRAM (GB)": paper["VRAM (GB)"]}
         table.append(row)
-    return pd.DataFrame(table).set_index("method")
+    return _table(table, "method")
 
 
 def scored_table_5(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame) -> pd.DataFrame:
@@ -338,7 +355,7 @@ def scored_table_5(rows: PaperRows, scores: dict[str, VariantScore], paper_table
         _paper_beside(row, scores.get(name), float(paper_table.loc[setting, "score"]))
         row["paper: notes"] = paper_table.loc[setting, "notes"]
         table.append(row)
-    return pd.DataFrame(table).set_index("setting")
+    return _table(table, "setting")
 
 
 def relabel(frame: pd.DataFrame, label: str) -> pd.DataFrame:

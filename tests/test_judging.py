@@ -329,6 +329,25 @@ def test_scored_tables_put_the_paper_beside_and_the_verdicts_follow_the_interval
     assert "proxy score" in headline and "not the paper" in headline and "holds" in headline and "80.12" in headline
 
 
+def test_a_row_the_paper_never_built_reads_a_dash_in_the_paper_columns_never_nan():
+    from medcomp import paper
+
+    variants = _registry()
+    rows = tables.paper_rows(variants, [(0.0, 0), (2 / 32, 2), (7 / 32, 7), (9 / 32, 8)])
+    scores = {name: scoring.VariantScore(name, {f"k{i}": 3 for i in range(117)}, 0, 0, {}) for name in variants}
+    scored = tables.scored_tables(rows, scores, variants, None)
+    for title, frame in scored.items():
+        assert not frame.isna().any().any(), title
+        assert "NaN" not in frame.to_html(), title
+    table4 = scored["Table 4 · overall"]
+    qlora = "QLoRA deployment: nf4 base + unmerged adapter (ours)"
+    assert table4.loc[qlora, "paper: VRAM (GB)"] == tables.NOT_IN_THE_PAPER
+    assert table4.loc["Original LLaVA", "paper: VRAM (GB)"] == 13.4  # a paper row keeps its number
+    headline = report.headline_html(table4, claims.verdicts(claims.paper_claims(rows, variants), scores), {}, "embedded", "score")
+    assert "NaN" not in headline
+    assert tables.table_5([], {}, paper.TABLE_5).empty  # no ablation built: an empty table, not a KeyError
+
+
 def test_scores_by_question_kind():
     items = [JudgeItem("v", f"k{i}", "q", "a", "r", "melanoma", kind) for i, kind in enumerate(["name", "name", "features"])]
     judgements = [judging.Judgement("valid", 4), judging.Judgement("valid", 2), judging.Judgement("invalid", None)]
