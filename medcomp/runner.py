@@ -272,8 +272,10 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
         summary = run.summary(outcome.stage)
         link = f'<a href="{html.escape(outcome.html)}">{html.escape(outcome.stage)}</a>' if outcome.html else html.escape(outcome.stage)
         error = f'<pre class="error">{html.escape(outcome.error[-2000:])}</pre>' if outcome.error else ""
+        # a stage that ran says why it ran ("ok, never ran" read as a contradiction); the others say why not
+        reason = f"why it ran: {outcome.reason}" if outcome.status in ("ok", "failed") and outcome.reason else outcome.reason
         rows.append(
-            f'<tr class="{outcome.status.replace(" ", "-")}"><td>{link}</td><td>{outcome.status}<br><small>{html.escape(outcome.reason)}</small></td>'
+            f'<tr class="{outcome.status.replace(" ", "-")}"><td>{link}</td><td>{outcome.status}<br><small>{html.escape(reason)}</small></td>'
             f"<td>{outcome.seconds:.0f} s</td><td>{_summary_cell(summary)}{error}</td></tr>"
         )
     world_note = (

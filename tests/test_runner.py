@@ -60,7 +60,10 @@ def test_stage_reuse_is_never_stale(tmp_path, monkeypatch):
     params.write_text(params.read_text().replace("seed: 0\nmodel:", "seed: 1\nmodel:"))
     assert run() == [("ok", "its params changed")] * 2
     index = (run_dir / "index.html").read_text()
-    assert index.count("its params changed") == 2
+    assert index.count("why it ran: its params changed") == 2
+    assert run() == [("reused", "nothing it depends on changed")] * 2
+    index = (run_dir / "index.html").read_text()
+    assert "why it ran" not in index and index.count("nothing it depends on changed") == 2
 
 
 def test_the_index_opens_with_the_headline_a_stage_wrote(tmp_path):
