@@ -137,3 +137,43 @@ def finetune_survival(model, merged, adapter_dir: str | Path, group_size: int = 
             "below half a step": float((ratio < 0.5).float().mean()),
         })
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def dequantized_model(checkpoint: str | Path, source: str | Path, dtype: str = "float32"):
+    """An AWQ/RTN (GEMM-format) checkpoint's model with its 4-bit weights dequantized once into plain
+    ``nn.Linear`` layers of ``dtype``: the same weights as the int4 kernel serves, without the kernel.
+
+    On the CPU GPTQModel's ``torch_fused_awq`` casts activations and scales to bf16; serving the weights
+    this way says what that cast costs (``05``'s answers stay on the kernel: it is what deploys).
+    ``source`` is the unquantized model the checkpoint came from, for the architecture; every tensor the
+    checkpoint holds replaces its own (AWQ folds its scales into the norms: those come from the
+    checkpoint too). The unpacking is GPTQModel's ``dequantize_gemm``, not ours.
+    """
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import load_file
+
+    from medcomp.loading import QuantizationError, load_llava
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    if config.get("quant_method") != "awq" or config.get("format", "gemm") != "gemm":
+        raise QuantizationError(f"{checkpoint} is not an AWQ GEMM-format checkpoint (quantization_config {config.get('quant_method')!r})")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        tensors |= load_file(str(path))
+    model = load_llava(str(source), dtype=dtype)
+    parameters = dict(model.named_parameters())
+    dequantized = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in tensors:
+            weight = dequantize_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
+                                     config["bits"], config["group_size"])
+            module.weight.copy_(weight.T.to(module.weight.dtype))
+            dequantized += 1
+    for name, tensor in tensors.items():
+        if name in parameters and parameters[name].shape == tensor.shape:
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    expected = len(decoder_layers(model)) * len(DECODER_LINEARS)
+    if dequantized != expected:
+        raise QuantizationError(f"{checkpoint}: {dequantized} decoder linears dequantized, expected {expected}")
+    return model.eval()

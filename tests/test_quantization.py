@@ -81,14 +81,21 @@ def test_non_finite_calibration_activations_name_the_layer(tiny_embedded_model, 
     assert not (tmp_path / "awq").exists(), "nothing is written for a refused model"
 
 
+@pytest.fixture(scope="module")
+def outlier_checkpoints(outlier_model, conversations, tmp_path_factory) -> dict[str, Path]:
+    """The outlier model quantized by AWQ and by RTN (GPTQModel, group size 64), once per module."""
+    folder = tmp_path_factory.mktemp("quantized")
+    return {method: quantizers.quantize(method, str(outlier_model), folder / method, conversations).path for method in ("awq", "rtn")}
+
+
 @pytest.mark.slow
-def test_awq_beats_round_to_nearest_on_outlier_channels_and_both_reload_quantized(outlier_model, conversations, tmp_path):
+def test_awq_beats_round_to_nearest_on_outlier_channels_and_both_reload_quantized(outlier_model, outlier_checkpoints, conversations):
     processor = load_processor(str(outlier_model))
     reference = load_llava(str(outlier_model))
     truth = calibration.calibration_activations(reference, processor, conversations, 0)["q_proj_output"]
     errors = {}
     for method in ("awq", "rtn"):
-        checkpoint = quantizers.quantize(method, str(outlier_model), tmp_path / method, conversations)
+        checkpoint = quantizers.QuantizedCheckpoint(outlier_checkpoints[method], method, 0.0, True)
         config = json.loads((checkpoint.path / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "awq" and config["group_size"] == 64 and config["bits"] == 4
         model = loading.load_quantized(checkpoint.path)  # asserts every decoder linear is 4-bit
@@ -97,6 +104,33 @@ def test_awq_beats_round_to_nearest_on_outlier_channels_and_both_reload_quantize
         # AWQ divides layer 0's q_proj input by its scales (folded into the norm); compare what attention sees
         errors[method] = float((output - truth).norm() / truth.norm())
     assert errors["awq"] < errors["rtn"], errors
+
+
+@pytest.mark.slow
+def test_dequantized_serving_holds_the_kernels_4bit_weights_and_norms(outlier_model, outlier_checkpoints, conversations):
+    """``dequantized_model`` against GPTQModel's int4 kernel: the same 4-bit weights (the kernel's, probed on
+    the identity, agree to its bf16 rounding), AWQ's folded norms, and the same layer outputs to bf16."""
+    processor = load_processor(str(outlier_model))
+    reference = load_llava(str(outlier_model))
+    for method, checkpoint in outlier_checkpoints.items():
+        kernel = loading.load_quantized(checkpoint)
+        dense = weight_analysis.dequantized_model(checkpoint, outlier_model)
+        assert not any(loading.is_quantized_linear(m) for m in dense.modules())
+        for layer_kernel, layer_dense, layer_reference in zip(decoder_layers(kernel), decoder_layers(dense), decoder_layers(reference)):
+            for name in loading.DECODER_LINEARS:
+                served = weight_analysis.effective_weight(loading.find_linear(layer_kernel, name))
+                weight = loading.find_linear(layer_dense, name).weight.detach()
+                assert float((weight - served).norm() / served.norm()) < 1e-2, (method, name)
+                original = loading.find_linear(layer_reference, name).weight.detach()
+                assert float((weight - original).norm() / original.norm()) > 1e-4  # really the 4-bit weights
+            assert torch.equal(layer_dense.input_layernorm.weight.float(), layer_kernel.input_layernorm.weight.float())
+        if method == "awq":  # AWQ divided the planted outliers' norm weights by its scales
+            assert not torch.equal(decoder_layers(dense)[0].input_layernorm.weight, decoder_layers(reference)[0].input_layernorm.weight)
+        served = calibration.calibration_activations(kernel, processor, conversations, 0)["q_proj_output"]
+        computed = calibration.calibration_activations(dense, processor, conversations, 0)["q_proj_output"]
+        assert float((computed - served).norm() / served.norm()) < 2e-2, method
+    with pytest.raises(loading.QuantizationError, match="not an AWQ GEMM"):
+        weight_analysis.dequantized_model(outlier_model, outlier_model)
 
 
 def test_adapter_deltas_are_scaled_lora_products(tmp_path):
