@@ -216,6 +216,11 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def quantization_config(path: str | Path) -> dict[str, Any]:
+    """A saved checkpoint's ``quantization_config`` from its ``config.json`` ({} if it has none)."""
+    return json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+
+
 def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     """``from_pretrained`` a quantized checkpoint and check its decoder really is 4-bit.
 
@@ -225,7 +230,7 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
     from transformers import AwqConfig, LlavaForConditionalGeneration
 
     import_gptqmodel_quietly()
-    config = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    config = quantization_config(path)
     if config.get("quant_method") == "awq":
         dtype = serving_dtype("awq", dtype, str(device))
     elif config.get("quant_method") == "bitsandbytes" and config.get("bnb_4bit_compute_dtype") in TORCH_DTYPES:

@@ -33,9 +33,8 @@ def _table(rows: Sequence[dict[str, Any]], index: str) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[index]).set_index(index)
     frame = pd.DataFrame(rows).set_index(index)
-    missing = [column for column in frame.columns if frame[column].isna().any()]
-    for column in missing:
-        frame[column] = frame[column].astype(object).where(frame[column].notna(), NOT_IN_THE_PAPER)
+    missing = frame.columns[frame.isna().any()]  # columns without a gap keep their dtype
+    frame[missing] = frame[missing].astype(object).where(frame[missing].notna(), NOT_IN_THE_PAPER)
     return frame
 
 

@@ -153,9 +153,9 @@ def dequantized_model(checkpoint: str | Path, source: str | Path, dtype: str = "
     from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
     from safetensors.torch import load_file
 
-    from medcomp.loading import QuantizationError, load_llava
+    from medcomp.loading import QuantizationError, load_llava, quantization_config
 
-    config = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    config = quantization_config(checkpoint)
     if config.get("quant_method") != "awq" or config.get("format", "gemm") != "gemm":
         raise QuantizationError(f"{checkpoint} is not an AWQ GEMM-format checkpoint (quantization_config {config.get('quant_method')!r})")
     tensors: dict[str, torch.Tensor] = {}
