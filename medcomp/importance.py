@@ -30,7 +30,7 @@ from medcomp.evaluation import generate_answers
 from medcomp.encoding import IGNORE_INDEX, answer_loss, teacher_forced_batches
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.loading import decoder_layers, to_model
-from medcomp.pruning import without_layers
+from medcomp.pruning import without_layer_given_input, without_layers
 
 # From the authors' public code: their finetuned LLaVA-1.5-7B's blocks, least important first
 # (0-based decoder indices). Meaningful only for a 32-layer LLaVA-1.5-7B.
@@ -179,16 +179,51 @@ def reference_perplexity(model, processor, calibration: Sequence[VQAExample], ba
     return float(np.exp(total / tokens))
 
 
+def layer_inputs(model, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each block's input hidden states on ``batch`` (teacher-forced) in the unpruned model, kept on
+    the CPU: 29 blocks of a 7B model's calibration batch would not fit beside it on a T4."""
+    blocks = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(index):
+        def record(module, args, kwargs):
+            seen[index] = (args[0] if args else kwargs["hidden_states"]).detach().to("cpu")
+        return record
+
+    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+    try:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_span")}, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@torch.no_grad()
 def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers: Sequence[int], batch_size: int = 16,
-                     batches: Sequence[dict[str, torch.Tensor]] | None = None) -> pd.Series:
-    """Reference-answer perplexity with each block removed in turn (low = removed first)."""
+                     batches: Sequence[dict[str, torch.Tensor]] | None = None, progress: bool = True) -> pd.Series:
+    """Reference-answer perplexity with each block removed in turn (low = removed first).
+
+    Per batch, one unpruned forward records every block's input; removing block ``i`` then runs only
+    the blocks after it (``pruning.without_layer_given_input``): half the work of running the pruned
+    model whole, and the same perplexities to the bit (tested against ``without_layers``).
+    """
     if batches is None:
         batches = teacher_forced_batches(processor, calibration, batch_size)  # tokenised once, not once per layer
-    scores = {}
-    for layer in tqdm(layers, desc="perplexity sweep", unit="layer"):
-        with without_layers(model, [layer]):
-            scores[layer] = reference_perplexity(model, processor, calibration, batch_size, batches)
-    return pd.Series(scores, name="perplexity")
+    totals, tokens = {layer: 0.0 for layer in layers}, 0
+    bar = tqdm(total=len(batches) * len(layers), desc="perplexity sweep", unit="layer", disable=not progress)
+    for batch in batches:
+        batch = to_model(batch, model)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        inputs = layer_inputs(model, batch, layers)
+        for layer in layers:
+            with without_layer_given_input(model, layer, inputs.pop(layer).to(batch["input_ids"].device)):
+                totals[layer] += float(answer_loss(model, batch)) * n
+            bar.update()
+        tokens += n
+    bar.close()
+    return pd.Series({layer: float(np.exp(totals[layer] / tokens)) for layer in layers}, name="perplexity")
 
 
 def ranking(scores: pd.Series, higher_is_less_important: bool) -> list[int]:

@@ -73,6 +73,47 @@ def without_layers(model, indices: Sequence[int]) -> Iterator:
         _renumber(model)
 
 
+class _SeenOutput(torch.nn.Module):
+    """Stands in for a run of decoder blocks: returns the hidden states they were seen to produce."""
+
+    def __init__(self, hidden_states: torch.Tensor):
+        super().__init__()
+        self.hidden_states = hidden_states
+
+    def forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        return self.hidden_states
+
+
+@contextmanager
+def without_layer_given_input(model, index: int, layer_input: torch.Tensor) -> Iterator:
+    """``without_layers(model, [index])`` for one batch whose input to block ``index`` in the unpruned
+    model is ``layer_input``: the blocks before ``index`` are not run again but replaced by that input.
+
+    Why: removing a block cannot change what the blocks before it compute, so a sweep that removes
+    each block in turn recomputes, on average, half the model for nothing. The blocks after ``index``
+    receive the same tensors as in ``without_layers``, so the result is the same to the bit (tested).
+    Valid only for a forward on exactly the batch ``layer_input`` was captured on, without a KV cache.
+    """
+    if index == 0:
+        with without_layers(model, [0]) as pruned:
+            yield pruned
+        return
+    original = list(decoder_layers(model))
+    config = _text_config(model)
+    layer_types = list(config.layer_types) if getattr(config, "layer_types", None) is not None else None
+    try:
+        if layer_types is not None:
+            config.layer_types = [layer_types[index - 1], *layer_types[index + 1 :]]
+        _replace_layers(model, torch.nn.ModuleList([_SeenOutput(layer_input), *original[index + 1 :]]))
+        _renumber(model)
+        yield model
+    finally:
+        _replace_layers(model, torch.nn.ModuleList(original))
+        if layer_types is not None:
+            config.layer_types = layer_types
+        _renumber(model)
+
+
 def prunable_layers(num_layers: int, protect_first: int = 2, protect_last: int = 1) -> list[int]:
     """Blocks that may be removed: all but the first ``protect_first`` and last ``protect_last``.
 

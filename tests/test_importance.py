@@ -67,6 +67,31 @@ def test_every_criterion_ranks_the_identity_block_least_important(model_with_ide
     assert importance.block_influence(model, processor, calibration, [PLANTED])[PLANTED] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_perplexity_sweep_equals_running_each_pruned_model_whole(model_with_identity_block, calibration):
+    """Skipping the blocks before the removed one (their output is replayed) must not change a bit:
+    the reference is the pruned model run whole (``without_layers``), batch by batch as the sweep
+    accumulates. Fails if the replayed input, the blocks after it or the accumulation differ."""
+    import numpy as np
+
+    from medcomp.encoding import teacher_forced_batches
+    from medcomp.pruning import without_layers
+
+    model, processor = model_with_identity_block
+    layers = list(range(len(decoder_layers(model))))
+    batches = teacher_forced_batches(processor, calibration, 4)  # 2 batches: 4 + 2 conversations
+    assert len(batches) == 2
+    before = [id(layer) for layer in decoder_layers(model)]
+    swept = importance.perplexity_sweep(model, processor, calibration, layers, batches=batches, progress=False)
+    for layer in layers:
+        with without_layers(model, [layer]):
+            whole = importance.reference_perplexity(model, processor, calibration, batches=batches)
+        assert swept[layer] == whole, f"block {layer}: {swept[layer]!r} != {whole!r}"
+    assert len(set(swept.round(6))) == len(layers)  # every removal changes the perplexity: no layer was skipped twice
+    assert [id(layer) for layer in decoder_layers(model)] == before  # the model is restored
+    assert [getattr(l.self_attn, "layer_idx") for l in decoder_layers(model)] == layers
+    assert np.isfinite(swept).all()
+
+
 def test_an_interrupted_sweep_resumes_without_recomputing(model_with_identity_block, calibration, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
