@@ -6,7 +6,8 @@ import torch
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DISEASES
 from medcomp.loading import decoder_layers, load_llava, load_processor
-from medcomp.pruning import drop_layers, first_of_ranking, levels_for_depth, prunable_layers, prune_and_save, without_layers
+from medcomp.pruning import (drop_layers, first_of_ranking, levels_for_depth, prunable_layers, prune_and_save, without_layer_given_input,
+                             without_layers)
 
 ALL = [d.slug for d in DISEASES]
 MODELS = ["tiny_embedded_model", "tiny_qwen2_llava"]
@@ -101,6 +102,31 @@ def test_without_layers_restores_the_model_exactly(tiny_qwen2_llava, synthetic_r
         after = model(**inputs).logits
     torch.testing.assert_close(before, after, rtol=0, atol=0)
     assert model.config.text_config.layer_types == types and [l.self_attn.layer_idx for l in decoder_layers(model)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+def test_replaying_a_blocks_input_equals_removing_it(fixture, request, synthetic_root):
+    """``without_layer_given_input`` (the blocks before the removed one replaced by its recorded input)
+    gives the bits of ``without_layers`` for every block, on Llama and on Qwen2 (whose config lists a
+    type per layer), and leaves the model as it found it."""
+    from medcomp.importance import layer_inputs
+
+    model_dir = request.getfixturevalue(fixture)
+    model = load_llava(str(model_dir))
+    inputs = dict(_inputs(model_dir, synthetic_root))
+    config = model.config.text_config
+    types = list(config.layer_types) if getattr(config, "layer_types", None) is not None else None
+    layers = list(range(len(decoder_layers(model))))
+    with torch.no_grad():
+        recorded = layer_inputs(model, inputs, layers)
+        for layer in layers:
+            with without_layers(model, [layer]):
+                whole = model.model(**inputs, use_cache=False).last_hidden_state
+            with without_layer_given_input(model, layer, recorded[layer]):
+                replayed = model.model(**inputs, use_cache=False).last_hidden_state
+            assert torch.equal(whole, replayed), f"block {layer}"
+    assert [l.self_attn.layer_idx for l in decoder_layers(model)] == layers and config.num_hidden_layers == len(layers)
+    assert (list(config.layer_types) if types is not None else None) == types
 
 
 def test_levels_map_onto_any_depth_without_duplicates():
