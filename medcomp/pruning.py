@@ -59,18 +59,25 @@ def _replace_layers(model, layers: torch.nn.ModuleList) -> None:
 
 
 @contextmanager
-def without_layers(model, indices: Sequence[int]) -> Iterator:
-    """The model with blocks ``indices`` removed, restored exactly (modules, indices, config) on exit."""
+def _restored_afterwards(model) -> Iterator[tuple[list, list | None]]:
+    """Yield the block list and ``layer_types`` as they are; on exit put both back and renumber."""
     original = list(decoder_layers(model))
     config = _text_config(model)
     layer_types = list(config.layer_types) if getattr(config, "layer_types", None) is not None else None
     try:
-        yield drop_layers(model, indices)
+        yield original, layer_types
     finally:
         _replace_layers(model, torch.nn.ModuleList(original))
         if layer_types is not None:
             config.layer_types = layer_types
         _renumber(model)
+
+
+@contextmanager
+def without_layers(model, indices: Sequence[int]) -> Iterator:
+    """The model with blocks ``indices`` removed, restored exactly (modules, indices, config) on exit."""
+    with _restored_afterwards(model):
+        yield drop_layers(model, indices)
 
 
 class _SeenOutput(torch.nn.Module):
@@ -98,20 +105,12 @@ def without_layer_given_input(model, index: int, layer_input: torch.Tensor) -> I
         with without_layers(model, [0]) as pruned:
             yield pruned
         return
-    original = list(decoder_layers(model))
-    config = _text_config(model)
-    layer_types = list(config.layer_types) if getattr(config, "layer_types", None) is not None else None
-    try:
+    with _restored_afterwards(model) as (original, layer_types):
         if layer_types is not None:
-            config.layer_types = [layer_types[index - 1], *layer_types[index + 1 :]]
+            _text_config(model).layer_types = [layer_types[index - 1], *layer_types[index + 1 :]]
         _replace_layers(model, torch.nn.ModuleList([_SeenOutput(layer_input), *original[index + 1 :]]))
         _renumber(model)
         yield model
-    finally:
-        _replace_layers(model, torch.nn.ModuleList(original))
-        if layer_types is not None:
-            config.layer_types = layer_types
-        _renumber(model)
 
 
 def prunable_layers(num_layers: int, protect_first: int = 2, protect_last: int = 1) -> list[int]:
