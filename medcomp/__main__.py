@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     rehearse.add_argument("--work", default="rehearsal", help="folder for the stand-in, its data and the run (default: ./rehearsal)")
     rehearse.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    numerics = commands.add_parser("numerics", help="this CPU's kernel hashes in each mode, and with --emulate on emulated CPUs (QEMU)")
+    numerics.add_argument("--emulate", nargs="*", default=[], metavar="CPU",
+                          help="QEMU CPU models to compare with this machine (e.g. EPYC-Rome Haswell); needs qemu-user")
+    numerics.add_argument("--modes", nargs="+", default=["pinned", "portable", "default"], choices=["pinned", "portable", "default"])
+
     args = parser.parse_args(argv)
     from medcomp.params import ParamsError, load_params
 
@@ -44,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         from medcomp.rehearsal import rehearse as run_rehearsal
 
         return run_rehearsal(Path(args.work), args.device)
+
+    if args.command == "numerics":
+        from medcomp.emulation import EmulationError, agreement, cpu_summary, fingerprints
+
+        try:
+            measured = fingerprints(args.emulate, args.modes)
+        except EmulationError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(cpu_summary(measured).to_string(), agreement(measured).to_string(), sep="\n\n")
+        return 0
 
     try:
         if args.command == "check":

@@ -51,7 +51,7 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
         wanted = " ".join(f"{k}={v}" for k, v in pinned_environment(params.runtime.numerics).items()) or "none of " + ", ".join(PINNED_ENV)
         warnings.warn(f"runtime.numerics is {params.runtime.numerics!r} but this kernel started with {active_pins()}: its numbers are not "
                       f"that mode's. Run through `python -m medcomp run`, or start Jupyter with {wanted} in its environment.")
-    if params.runtime.numerics == "pinned":
+    if params.runtime.numerics != "default":
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)

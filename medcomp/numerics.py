@@ -1,13 +1,15 @@
-"""Which numerics a run computed with, and a pinned CPU mode that makes two CPUs compute the same bits.
+"""Which numerics a run computed with, and pinned CPU modes that make two CPUs compute the same bits.
 
 Default float results differ between CPUs: ATen dispatches its CPU kernels by instruction set (AVX2,
 AVX-512), and MKL and oneDNN choose code paths by CPU. On this project's embedded model the last bits
 of the pretraining moved 01's held-out naming by 15 points (``../shared/repro_reference.md``). So every
 run records a fingerprint (CPU model, instruction sets, threads, torch/MKL/oneDNN versions, the ATen
-capability in use, the pinning variables, and ``probe``'s hash), and ``runtime.numerics: pinned`` starts
-every kernel with ``PINNED_ENV``: ATen capped at AVX2, MKL's conditional numerical reproducibility at
-AVX2, oneDNN's ISA at AVX2. They are read when torch loads, so they are set for the notebook kernels
-and the GPTQModel child by the runner, before any of them imports torch.
+capability in use, the pinning variables, ``probe``'s hash, and ``kernel_hashes``: one hash per kernel
+family), and ``runtime.numerics: pinned`` starts every kernel with ``PINNED_ENV``: ATen capped at AVX2,
+MKL's conditional numerical reproducibility at AVX2, oneDNN's ISA at AVX2. They are read when torch
+loads, so they are set for the notebook kernels and the GPTQModel child by the runner, before any of
+them imports torch. MKL keeps its AVX2 branch on Intel CPUs only; ``portable`` puts it on its SSE2
+branch, which AMD CPUs take too (``MODE_PINS``).
 
 ``probe`` is ``../shared/repro_probe.py``'s computation (an MLP trained 30 steps, and SDPA, on 2
 threads), so its hash compares with the reference values measured on other machines.
@@ -25,13 +27,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# MKL honours its AVX2 branch on Intel CPUs only: "on non-Intel CPUs ... the AUTO branch is used instead" (oneMKL
+# developer guide, conditional numerical reproducibility), and on an emulated AMD EPYC its vector math (exp, log, erf)
+# and some GEMM shapes did part (medcomp.emulation; README, "Reproducibility"). Its COMPATIBLE branch (SSE2) is the
+# one every x86 CPU takes, Intel or AMD, at about 2.7x the time of a GEMM on the AVX2 branch.
+MODE_PINS = {"default": {}, "pinned": PINNED_ENV, "portable": {**PINNED_ENV, "MKL_CBWR": "COMPATIBLE"}}
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8")
 
 
 def pinned_environment(mode: str) -> dict[str, str]:
-    """The variables ``runtime.numerics`` asks for: ``PINNED_ENV`` when pinned, none otherwise."""
-    return dict(PINNED_ENV) if mode == "pinned" else {}
+    """The variables ``runtime.numerics`` asks for (``MODE_PINS``): the AVX2 pins when "pinned" (the same
+    bits on Intel CPUs with AVX2), MKL's SSE2 branch besides when "portable" (on AMD CPUs too), none
+    when "default"."""
+    if mode not in MODE_PINS:
+        raise ValueError(f"unknown numerics mode {mode!r}; known: {', '.join(MODE_PINS)}")
+    return dict(MODE_PINS[mode])
 
 
 def numerics_environment(mode: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -94,6 +105,77 @@ def probe() -> tuple[float, str]:
     return float(f"{loss.item():.10f}"), hashlib.sha256(bits).hexdigest()[:16]
 
 
+def _digest(*tensors) -> str:
+    """sha256 prefix of the tensors' bytes, any dtype (bf16 has no NumPy type: the bytes go through uint8)."""
+    import torch
+
+    data = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def kernel_hashes(threads: int = 2) -> dict[str, str]:
+    """Each family of CPU kernels the pipeline runs, on fixed inputs at the embedded model's shapes,
+    hashed: where two CPUs (or two settings) part, which family parts.
+
+    ``probe`` answers "the same bits or not" in one hash; this names the kernel behind a difference. Each
+    family is a code path that dispatches by instruction set:
+    - MKL's fp32 GEMM: a linear layer, and the batched products of attention scores;
+    - the convolution of the CLIP patch embedding (oneDNN or ATen, as ATen picks);
+    - ATen's vectorised norms and activations;
+    - exp, log and erf, which ATen hands to MKL's vector math (VML), and softmax and cross-entropy;
+    - SDPA (attention);
+    - ATen's fp16 GEMM (GPTQModel's AWQ search runs in fp16);
+    - ATen's int4 GEMM on bf16 activations (the AWQ/RTN layer that serves on the CPU);
+    - bitsandbytes' nf4 (QLoRA's base, and the bnb variants).
+    The inputs are seeded. The shapes are the embedded model's (hidden 576, MLP 1536, head 64, 32-pixel
+    patches), so the kernels take the paths the run takes. On ``threads`` threads, as ``probe``: how a
+    sum is split between threads changes its bits, and the runs use 2.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _kernel_hashes()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _kernel_hashes() -> dict[str, str]:
+    import torch
+
+    torch.manual_seed(0)
+    hidden, intermediate, tokens = 576, 1536, 117
+    x = torch.randn(tokens, hidden)
+    weight = torch.randn(intermediate, hidden) / hidden**0.5
+    functional = torch.nn.functional
+    hashes = {"fp32 linear (MKL GEMM)": _digest(functional.linear(x, weight))}
+    q, k, v = (torch.randn(4, 9, 70, 64) for _ in range(3))
+    hashes["fp32 attention scores (MKL batched GEMM)"] = _digest(q @ k.transpose(-1, -2), x @ x.T)
+    images, patches = torch.randn(4, 3, 64, 64), torch.randn(192, 3, 32, 32) / 32
+    hashes["conv2d (CLIP patch embedding)"] = _digest(functional.conv2d(images, patches, stride=32))
+    hashes["norms, activations (ATen)"] = _digest(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), functional.silu(x),
+                                                  functional.gelu(x), functional.layer_norm(x, (hidden,)))
+    hashes["exp, log, erf (MKL VML)"] = _digest(x.exp(), x.abs().log(), torch.erf(x))
+    logits = x @ weight.T[:, :tokens]
+    hashes["softmax, cross-entropy"] = _digest(logits.softmax(-1), functional.cross_entropy(logits, torch.arange(tokens)))
+    hashes["attention (SDPA)"] = _digest(functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    hashes["fp16 linear (AWQ search)"] = _digest(torch.nn.functional.linear(x[:64].half(), weight.half()))
+    levels = torch.randint(0, 16, (intermediate, hidden), dtype=torch.int32)
+    scales_and_zeros = torch.stack([torch.rand(hidden // 64, intermediate) / 8 + 0.01, torch.randn(hidden // 64, intermediate) / 8], -1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+    hashes["int4 linear (AWQ serving)"] = _digest(torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64,
+                                                                                            scales_and_zeros.bfloat16()))
+    try:
+        import bitsandbytes
+
+        quantized, state = bitsandbytes.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+        hashes["nf4 (bitsandbytes)"] = _digest(quantized, bitsandbytes.matmul_4bit(x, quantized.t(), quant_state=state))
+    except ImportError:  # the fingerprint still works where bitsandbytes is not installed
+        pass
+    return hashes
+
+
 def _cpu() -> tuple[str, list[str]]:
     model, flags = "unknown", []
     try:
@@ -124,7 +206,8 @@ def fingerprint() -> dict[str, Any]:
     model, flags = _cpu()
     loss, digest = probe()
     return {"cpu": model, "instruction sets": flags, "aten capability": torch.backends.cpu.get_cpu_capability(),
-            "torch threads": torch.get_num_threads(), **_library_versions(), "pins": active_pins(), "probe loss": loss, "probe hash": digest}
+            "torch threads": torch.get_num_threads(), **_library_versions(), "pins": active_pins(), "probe loss": loss, "probe hash": digest,
+            "kernel hashes": kernel_hashes()}
 
 
 _MEASURED: dict[str, dict[str, Any]] = {}
@@ -198,5 +281,14 @@ def artefact_hashes(run_dir: Path | str) -> dict[str, str]:
     return {stage: artefact_digest(run_dir / relative) for stage, relative in STAGE_ARTEFACTS.items() if (run_dir / relative).exists()}
 
 
-if __name__ == "__main__":  # ``kernel_fingerprint``'s child
-    print(json.dumps(fingerprint()))
+def kernel_report() -> dict[str, Any]:
+    """``kernel_hashes`` with what chose the kernels (ATen's capability, the pins): the part of the
+    fingerprint an emulated CPU can afford (``medcomp.emulation``; the probe's 30 training steps take
+    longer than 20 minutes there)."""
+    import torch
+
+    return {"aten capability": torch.backends.cpu.get_cpu_capability(), "pins": active_pins(), "kernel hashes": kernel_hashes()}
+
+
+if __name__ == "__main__":  # ``kernel_fingerprint``'s child, and with ``kernels`` ``medcomp.emulation``'s
+    print(json.dumps(kernel_report() if sys.argv[1:] == ["kernels"] else fingerprint()))

@@ -285,8 +285,8 @@ class JudgeParams(Strict):
 
 class RuntimeParams(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
-    numerics: Literal["default", "pinned"] = Field("default", description="'pinned': every kernel starts with ATen, MKL and oneDNN "
-                                                   "capped at AVX2 (medcomp.numerics), so different CPUs compute the same bits")
+    numerics: Literal["default", "pinned", "portable"] = Field("default", description="'pinned': ATen, MKL and oneDNN capped at AVX2 in every kernel (medcomp.numerics): "
+                                                               "the same bits on Intel CPUs with AVX2; 'portable': MKL on SSE2 besides, AMD too (GEMMs ~2.7x slower)")
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
     cache_dir: str | None = Field(None, description="built embedded models and datasets; default $MEDCOMP_CACHE or ~/.cache/medcomp")
     scratch_dir: str | None = Field(None, description="heavy model folders (merged, pruned, 4-bit) go here instead of the run folder; "

@@ -254,10 +254,12 @@ def numerics_html(run_dir: Path) -> str:
     numerics, artefacts = manifest.get("numerics", {}), manifest.get("artefacts", {})
     shown = {key: numerics.get(key) for key in ("mode", "cpu", "instruction sets", "aten capability", "torch threads", "torch", "mkl", "onednn",
                                                 "pins", "probe loss", "probe hash") if key in numerics}
+    shown |= {f"kernels: {family}": digest for family, digest in numerics.get("kernel hashes", {}).items()}
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in shown.items())
     rows += "".join(f"<tr><th>{html.escape(stage)} artefact sha256</th><td><code>{html.escape(digest)}</code></td></tr>" for stage, digest in artefacts.items())
     return (f"<h2>Numerics</h2><p>Two runs that print the same probe hash computed the same bits on the same inputs; the first artefact "
-            f"hash that differs is the stage where they part.</p><table>{rows}</table>") if rows else ""
+            f"hash that differs is the stage where they part, and a kernel hash that differs names the kernel family "
+            f"(<code>python -m medcomp numerics</code> compares this CPU with emulated ones).</p><table>{rows}</table>") if rows else ""
 
 
 def _summary_cell(summary: dict[str, Any]) -> str:

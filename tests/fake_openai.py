@@ -31,11 +31,19 @@ class FakeServer:
                     behaviour = server.script.pop(0) if server.script else server.default
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._counted = True
                 try:
                     self._act(behaviour, body)
                 finally:
-                    with server.lock:
+                    self._leave_flight()
+
+            def _leave_flight(self):
+                # before the reply goes out: once the client has it, it may send its next request, which must
+                # not find this one still counted (max_in_flight read one above the client's concurrency)
+                with server.lock:
+                    if self._counted:
                         server.in_flight -= 1
+                        self._counted = False
 
             def _act(self, behaviour, body):
                 kind = behaviour[0]
@@ -55,6 +63,7 @@ class FakeServer:
 
             def _send(self, status, payload, headers=None):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self._leave_flight()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
