@@ -1,19 +1,19 @@
 """The numerics fingerprint on CPUs this machine is not: QEMU's user-mode emulator, one CPU model at a time.
 
-The pinned mode (``medcomp.numerics``) claims that any x86 CPU with AVX2 computes the same bits. A
-session only ever has the CPU it was given, and the users' CPUs differ (AMD EPYC without AVX-512, Intel
-with AVX-512 and AMX). ``qemu-x86_64 -cpu MODEL`` runs this machine's Python, torch and libraries on an
-emulated CPU: CPUID reports the model's vendor and instruction sets, so ATen, MKL, oneDNN and
-bitsandbytes dispatch as they would on that CPU, and QEMU's floating point follows IEEE 754 as the
-hardware does. QEMU 7.2 and later emulate AVX2 and FMA, not AVX-512, so every emulated CPU is an
-AVX2 one: the case the pins exist for.
+The pinned mode (``medcomp.numerics``) is meant to give the same bits on CPUs with AVX2. A session only
+ever has the CPU it was given, and the users' CPUs differ (AMD EPYC without AVX-512, Intel with AVX-512
+and AMX). ``qemu-x86_64 -cpu MODEL`` runs this machine's Python, torch and libraries on an emulated
+CPU: CPUID reports the model's vendor and instruction sets, so ATen, MKL, oneDNN and bitsandbytes
+dispatch as they would on that CPU, and QEMU's floating point follows IEEE 754 as the hardware does.
+QEMU 7.2 and later emulate AVX2 and FMA, not AVX-512, so every emulated CPU is an AVX2 one: the case
+the pins exist for.
 
 ``fingerprints`` runs ``python -m medcomp.numerics kernels`` (``kernel_hashes``: the probe's training
 is too slow to emulate) natively and on each emulated CPU, in each mode, and ``agreement`` says, kernel
-family by family, which agree with this machine. The default mode is the control: an emulated CPU that agreed with this machine by
-default as well would show nothing about the pins. Emulation is slow (minutes per CPU) and needs
-``qemu-user``; it is a check a person runs (``python -m medcomp numerics --emulate EPYC-Rome``), not
-part of a run.
+family by family, which agree with this machine. The default mode is the control: an emulated CPU
+that agreed with this machine by default as well would show nothing about the pins. Emulation is slow
+(about a minute per CPU and mode) and needs ``qemu-user``; it is a check a person runs
+(``python -m medcomp numerics --emulate EPYC-Rome``), not part of a run.
 """
 
 from __future__ import annotations
