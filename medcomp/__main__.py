@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from medcomp.numerics import MODE_PINS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medcomp", description=__doc__)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     numerics = commands.add_parser("numerics", help="this CPU's kernel hashes in each mode, and with --emulate on emulated CPUs (QEMU)")
     numerics.add_argument("--emulate", nargs="*", default=[], metavar="CPU",
                           help="QEMU CPU models to compare with this machine (e.g. EPYC-Rome Haswell); needs qemu-user")
-    numerics.add_argument("--modes", nargs="+", default=["pinned", "portable", "default"], choices=["pinned", "portable", "default"])
+    numerics.add_argument("--modes", nargs="+", choices=list(MODE_PINS), help="default: pinned portable default")
 
     args = parser.parse_args(argv)
     from medcomp.params import ParamsError, load_params
@@ -51,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_rehearsal(Path(args.work), args.device)
 
     if args.command == "numerics":
-        from medcomp.emulation import EmulationError, agreement, cpu_summary, fingerprints
+        from medcomp.emulation import COMPARED_MODES, EmulationError, agreement, cpu_summary, fingerprints
 
         try:
-            measured = fingerprints(args.emulate, args.modes)
+            measured = fingerprints(args.emulate, args.modes or COMPARED_MODES)
         except EmulationError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -30,6 +30,7 @@ import pandas as pd
 from medcomp.numerics import numerics_environment
 
 NATIVE = "this machine"
+COMPARED_MODES = ("pinned", "portable", "default")  # the default mode last: the control
 
 
 class EmulationError(RuntimeError):
@@ -58,7 +59,7 @@ def fingerprint_on(cpu: str | None, mode: str, timeout: float = 3600) -> dict[st
     return {**json.loads(result.stdout), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def fingerprints(cpus: Sequence[str], modes: Sequence[str] = ("pinned", "portable", "default")) -> dict[tuple[str, str], dict[str, Any]]:
+def fingerprints(cpus: Sequence[str], modes: Sequence[str] = COMPARED_MODES) -> dict[tuple[str, str], dict[str, Any]]:
     """The fingerprint on this machine and on each emulated CPU, in each mode: {(cpu, mode): fingerprint}."""
     return {(cpu or NATIVE, mode): fingerprint_on(cpu, mode) for cpu in [None, *cpus] for mode in modes}
 

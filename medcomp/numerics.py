@@ -101,8 +101,7 @@ def probe() -> tuple[float, str]:
         loss.backward()
         optimizer.step()
     attention = torch.nn.functional.scaled_dot_product_attention(torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32))
-    bits = b"".join(p.detach().numpy().tobytes() for p in model.parameters()) + attention.numpy().tobytes()
-    return float(f"{loss.item():.10f}"), hashlib.sha256(bits).hexdigest()[:16]
+    return float(f"{loss.item():.10f}"), _digest(*model.parameters(), attention)
 
 
 def _digest(*tensors) -> str:
@@ -206,9 +205,8 @@ def fingerprint() -> dict[str, Any]:
 
     model, flags = _cpu()
     loss, digest = probe()
-    return {"cpu": model, "instruction sets": flags, "aten capability": torch.backends.cpu.get_cpu_capability(),
-            "torch threads": torch.get_num_threads(), **_library_versions(), "pins": active_pins(), "probe loss": loss, "probe hash": digest,
-            "kernel hashes": kernel_hashes()}
+    return {"cpu": model, "instruction sets": flags, "torch threads": torch.get_num_threads(), **_library_versions(), "probe loss": loss,
+            "probe hash": digest, **kernel_report()}
 
 
 _MEASURED: dict[str, dict[str, Any]] = {}
