@@ -6,7 +6,8 @@ of the pretraining moved 01's held-out naming by 15 points (``../shared/repro_re
 run records a fingerprint (CPU model, instruction sets, threads, torch/MKL/oneDNN versions, the ATen
 capability in use, the pinning variables, ``probe``'s hash, and ``kernel_hashes``: one hash per kernel
 family), and ``runtime.numerics: pinned`` starts every kernel with ``PINNED_ENV``: ATen capped at AVX2,
-MKL's conditional numerical reproducibility at AVX2, oneDNN's ISA at AVX2. They are read when torch
+MKL's conditional numerical reproducibility at AVX2, oneDNN's ISA at AVX2, MKL and OpenMP held to the
+thread count asked for (no dynamic adjustment). They are read when torch
 loads, so they are set for the notebook kernels and the GPTQModel child by the runner, before any of
 them imports torch. MKL keeps its AVX2 branch on Intel CPUs only; ``portable`` puts it on its SSE2
 branch, which AMD CPUs take too (``MODE_PINS``).
@@ -26,7 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# MKL_DYNAMIC/OMP_DYNAMIC: MKL's guide asks for both to be FALSE besides MKL_CBWR for reproducible results "on
+# different systems" (else MKL may run a call on fewer threads than asked, by its own judgement of the machine).
+# Adding them left the probe, the kernel hashes and every artefact hash of a whole run as they were here (README).
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
 # MKL honours its AVX2 branch on Intel CPUs only: "on non-Intel CPUs ... the AUTO branch is used instead" (oneMKL
 # developer guide, conditional numerical reproducibility), and on an emulated AMD EPYC its vector math (exp, log, erf)
 # and some GEMM shapes did part (medcomp.emulation; README, "Reproducibility"). Its COMPATIBLE branch (SSE2) is the

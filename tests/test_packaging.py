@@ -48,3 +48,25 @@ def test_environment_yml_mirrors_the_lock():
     lock = _lock()
     assert set(mirrored) == {_key(r.name) for r in _declared()}
     assert all(lock[name] == version for name, version in mirrored.items())
+
+
+def _installed() -> dict[str, str]:
+    from importlib.metadata import distributions
+
+    return {_key(d.metadata["Name"]): d.version for d in distributions()}
+
+
+def test_setup_installs_exactly_the_lock():
+    """The environment scripts/setup.sh built (uv, or pip as its fallback) is the locked set: nothing at
+    another version, nothing missing, nothing unlocked (fails if the installer resolves on its own)."""
+    import sys
+
+    import pytest
+
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip("not the environment scripts/setup.sh builds (.venv)")
+    installed, lock = _installed(), _lock()
+    tools = {"pip", "setuptools", "wheel", "medcomp"}  # the venv's own tools and the project itself
+    assert {name: version for name, version in installed.items() if name in lock and version != lock[name]} == {}
+    assert sorted(set(lock) - set(installed)) == []
+    assert sorted(set(installed) - set(lock) - tools) == []
