@@ -70,3 +70,22 @@ def test_setup_installs_exactly_the_lock():
     assert {name: version for name, version in installed.items() if name in lock and version != lock[name]} == {}
     assert sorted(set(lock) - set(installed)) == []
     assert sorted(set(installed) - set(lock) - tools) == []
+
+
+def test_setup_install_steps_stop_at_the_first_failed_step():
+    """setup.sh calls its install steps as an `if` condition (uv, else pip), where bash runs a function
+    without `set -e`: a failed step must end them, so that pip redoes the work rather than uv carrying on."""
+    import subprocess
+
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    function = re.search(r"^install_steps\(\) \{.*?^\}", script, re.S | re.M).group(0)
+
+    def run(failing: str) -> list[str]:
+        shell = (f"set -euo pipefail\n{function}\n"
+                 f"installer() {{ echo \"call $*\"; [[ \"$*\" != *{failing}* ]]; }}\n"
+                 "if install_steps installer; then echo done; else echo fallback; fi\n")
+        return subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
+
+    assert run("torch") == ["call torch==2.14.1", "fallback"]
+    assert run("constraints") == ["call torch==2.14.1", "call -c constraints.txt -e .[test,awq]", "fallback"]
+    assert run("nothing")[-1] == "done" and len(run("nothing")) == 4
