@@ -31,39 +31,34 @@ class FakeServer:
                     behaviour = server.script.pop(0) if server.script else server.default
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                self._counted = True
                 try:
-                    self._act(behaviour, body)
+                    reply = self._reply(behaviour, body)
                 finally:
-                    self._leave_flight()
-
-            def _leave_flight(self):
-                # before the reply goes out: once the client has it, it may send its next request, which must
-                # not find this one still counted (max_in_flight read one above the client's concurrency)
-                with server.lock:
-                    if self._counted:
+                    # before the reply goes out: once the client has it, it may send its next request, which
+                    # must not find this one still counted (max_in_flight read one above the client's concurrency)
+                    with server.lock:
                         server.in_flight -= 1
-                        self._counted = False
+                self._send(*reply)
 
-            def _act(self, behaviour, body):
+            def _reply(self, behaviour, body):
+                """(status, payload, headers) for ``behaviour``, after its delay."""
                 kind = behaviour[0]
                 if kind == "hang":
                     time.sleep(behaviour[1])
-                    return self._send(200, _completion('{"Rating": 4}', body))
+                    return 200, _completion('{"Rating": 4}', body), None
                 if kind == "slow":
                     time.sleep(behaviour[1])
-                    return self._send(200, _completion(behaviour[2], body))
+                    return 200, _completion(behaviour[2], body), None
                 if kind == "status":
-                    return self._send(behaviour[1], {"error": {"message": "try later"}}, {"retry-after-ms": "5"})
+                    return behaviour[1], {"error": {"message": "try later"}}, {"retry-after-ms": "5"}
                 if kind == "garbage":
-                    return self._send(200, b"<html>502 Bad Gateway</html>")
+                    return 200, b"<html>502 Bad Gateway</html>", None
                 if kind == "rule":  # a reply computed from the request
-                    return self._send(200, _completion(behaviour[1](body), body))
-                return self._send(200, _completion(behaviour[1], body))
+                    return 200, _completion(behaviour[1](body), body), None
+                return 200, _completion(behaviour[1], body), None
 
             def _send(self, status, payload, headers=None):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self._leave_flight()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
