@@ -65,16 +65,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "check":
+            from medcomp.data import DatasetError, check_layout
+
             params = load_params(args.params)
+            try:
+                check_layout(params)
+            except DatasetError as error:
+                print(f"error: {args.params}: {error}", file=sys.stderr)
+                return 2
             print(f"{args.params}: valid (run_name={params.run_name}, world={params.world})")
             return 0
         if args.command == "bootstrap":
             from medcomp.numerics import in_mode, numerics_environment
 
             params = load_params(args.params)
-            if not in_mode(params.runtime.numerics):  # torch reads the pins when it loads: start afresh with them
+            if not in_mode(params.runtime.numerics_mode()):  # torch reads the pins when it loads: start afresh with them
                 command = [sys.executable, "-m", "medcomp", *(argv if argv is not None else sys.argv[1:])]
-                os.execve(sys.executable, command, numerics_environment(params.runtime.numerics))
+                os.execve(sys.executable, command, numerics_environment(params.runtime.numerics_mode()))
             from medcomp.data import prepare_dataset
             from medcomp.embedded import prepare_model_source
             from medcomp.notebook import quiet_libraries

@@ -193,7 +193,7 @@ def prepare_model_source(params) -> str:
     def dataset_images() -> list[str]:
         return [image.path for image in prepare_dataset(params).scan.images]
 
-    return resolve_model_source(params.model.id, embedded_spec(params), params.runtime.cache_path(), dataset_images, params.runtime.numerics)
+    return resolve_model_source(params.model.id, embedded_spec(params), params.runtime.cache_path(), dataset_images, params.runtime.numerics_mode())
 
 
 def embedded_spec(params) -> dict[str, Any]:

@@ -47,11 +47,12 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
 
     params = plan.with_batch_sizes(load_params(default_params_name() if params_file == "auto" else params_file, overrides))
     quiet_libraries()
-    if not in_mode(params.runtime.numerics):  # read when torch loaded: too late to set them here
-        wanted = " ".join(f"{k}={v}" for k, v in pinned_environment(params.runtime.numerics).items()) or "none of " + ", ".join(PINNED_ENV)
-        warnings.warn(f"runtime.numerics is {params.runtime.numerics!r} but this kernel started with {active_pins()}: its numbers are not "
+    mode = params.runtime.numerics_mode()
+    if not in_mode(mode):  # read when torch loaded: too late to set them here
+        wanted = " ".join(f"{k}={v}" for k, v in pinned_environment(mode).items()) or "none of " + ", ".join(PINNED_ENV)
+        warnings.warn(f"runtime.numerics is {params.runtime.numerics!r} ({mode} on this CPU) but this kernel started with {active_pins()}: its numbers are not "
                       f"that mode's. Run through `python -m medcomp run`, or start Jupyter with {wanted} in its environment.")
-    if params.runtime.numerics != "default":
+    if mode != "default":
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)

@@ -36,8 +36,48 @@ PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU
 # and some GEMM shapes did part (medcomp.emulation; README, "Reproducibility"). Its COMPATIBLE branch (SSE2) is the
 # one every x86 CPU takes, Intel or AMD, at about 2.7x the time of a GEMM on the AVX2 branch.
 MODE_PINS = {"default": {}, "pinned": PINNED_ENV, "portable": {**PINNED_ENV, "MKL_CBWR": "COMPATIBLE"}}
+# What each vendor's MKL does with the pins, measured on real machines (README, "Reproducibility"): on Intel CPUs
+# MKL honours both branches; on an AMD EPYC its GEMM and exp/log/erf were the same bits pinned and by default (its
+# own AVX2 path), and its COMPATIBLE branch agreed with Intel's for GEMMs and exp/log/erf but not for sqrt.
+MKL_HONOURS_AVX2_BRANCH = {"intel": True, "amd": False}
+# ``runtime.numerics: auto``. Intel: pinned, the fastest mode with published bits (the README's artefact hashes).
+# AMD: default. There pinned is neither Intel's bits nor faster; portable's GEMMs are ~2.7x slower for bits that
+# agree with Intel's portable run kernel by kernel (emulated EPYCs; on a real EPYC all but sqrt, which training
+# no longer runs), a whole-run agreement not yet measured on a real AMD machine. The verdicts, counted over
+# seeds, are the claim that holds on every machine. Elsewhere (ARM): default; the pins name x86 branches.
+AUTO_MODE = {"intel": "pinned", "amd": "default", "other": "default"}
+# The shared probe's hash on real machines (../shared/repro_reference.md), by the vendor and mode that gave it.
+PUBLISHED_PROBES = {"cb523f34f6263620": ("intel", "pinned"), "ce2cbc17416fb7b6": ("intel", "portable"), "7caab138ffb226cd": ("intel", "default"),
+                    "a74dd5ee4a369351": ("amd", "pinned"), "f1391541061d0d39": ("amd", "portable"), "7e63f6c88362cfb0": ("amd", "default")}
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """"intel", "amd" or "other", from the kernel's CPU description (MKL dispatches by the same vendor id)."""
+    try:
+        with open(cpuinfo) as handle:
+            vendor = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("vendor_id")), "")
+    except OSError:
+        vendor = ""
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "other")
+
+
+def resolve_mode(mode: str, vendor: str | None = None) -> str:
+    """The mode a run computes in: ``mode`` itself, or for "auto" the mode ``AUTO_MODE`` gives this CPU's vendor."""
+    if mode == "auto":
+        return AUTO_MODE[vendor or cpu_vendor()]
+    pinned_environment(mode)  # an unknown mode fails here, by name
+    return mode
+
+
+def published_reference(probe_hash: str | None) -> str:
+    """Which published bits a run can be compared with, from its probe's hash: the vendor and mode that gave the
+    same hash on a real machine, or a sentence saying that none did."""
+    if probe_hash in PUBLISHED_PROBES:
+        vendor, mode = PUBLISHED_PROBES[probe_hash]
+        return f"the probe's published value on {'Intel' if vendor == 'intel' else 'AMD'} CPUs, {mode} (../shared/repro_reference.md)"
+    return "none: no published probe has this hash, so this run's artefact hashes are its own (compare verdicts over seeds instead)"
 
 
 def pinned_environment(mode: str) -> dict[str, str]:
@@ -170,6 +210,7 @@ def _kernel_hashes() -> dict[str, str]:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
     hashes["int4 linear (AWQ serving)"] = _digest(torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64,
                                                                                             scales_and_zeros.bfloat16()))
+    hashes.update(_training_hashes(functional))
     try:
         import bitsandbytes
 
@@ -177,6 +218,36 @@ def _kernel_hashes() -> dict[str, str]:
         hashes["nf4 (bitsandbytes)"] = _digest(quantized, bitsandbytes.matmul_4bit(x, quantized.t(), quant_state=state))
     except ImportError:  # the fingerprint still works where bitsandbytes is not installed
         pass
+    return hashes
+
+
+def _training_hashes(functional) -> dict[str, str]:
+    """The kernels a training step runs besides the forward's, at the probe's shapes (256 x 384 -> 1024): the
+    backward's GEMMs (transposed operands), autograd of the activations and norms, and AdamW's step. With these
+    rows the fingerprint explains the probe: on an AMD EPYC under ``portable`` every forward row agreed with
+    Intel's and the probe did not, because AdamW's default (foreach) step takes its square root through MKL's
+    vector math, which keeps a branch of its own on AMD whatever ``MKL_CBWR`` asks (README, "Reproducibility")."""
+    import torch
+
+    torch.manual_seed(1)
+    x, target = torch.randn(256, 384), torch.randn(256, 384)
+    weight, upstream = torch.randn(1024, 384) / 20, torch.randn(256, 1024)
+    hashes = {"fp32 GEMM, probe's shapes, forward and backward (MKL)": _digest(functional.linear(x, weight), upstream @ weight, upstream.T @ x)}
+    leaf = x.clone().requires_grad_()
+    norm = torch.nn.LayerNorm(384)
+    loss = ((norm(functional.gelu(leaf)) - target) ** 2).mean()
+    loss.backward()
+    hashes["autograd: GELU, LayerNorm, mean (ATen)"] = _digest(loss, leaf.grad, norm.weight.grad, norm.bias.grad)
+    hashes["sqrt (MKL VML)"] = _digest(torch.sqrt(x.abs()))
+    for name, fused in (("AdamW step, foreach (the probe's; sqrt through MKL VML)", False), ("AdamW step, fused (training's)", True)):
+        generator = torch.Generator().manual_seed(2)
+        parameters = [torch.nn.Parameter(torch.randn(1024, 384, generator=generator)), torch.nn.Parameter(torch.randn(1024, generator=generator))]
+        optimizer = torch.optim.AdamW(parameters, 1e-3, fused=fused)
+        for _ in range(2):
+            for parameter in parameters:
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        hashes[name] = _digest(*parameters)
     return hashes
 
 
@@ -209,7 +280,7 @@ def fingerprint() -> dict[str, Any]:
 
     model, flags = _cpu()
     loss, digest = probe()
-    return {"cpu": model, "instruction sets": flags, "torch threads": torch.get_num_threads(), **_library_versions(), "probe loss": loss,
+    return {"cpu": model, "vendor": cpu_vendor(), "instruction sets": flags, "torch threads": torch.get_num_threads(), **_library_versions(), "probe loss": loss,
             "probe hash": digest, **kernel_report()}
 
 

@@ -116,7 +116,7 @@ def pretrain_vision_tower(
     log_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))  # CLIP's initial temperature
     tower.train()
     trainable = [p for p in tower.parameters()] + list(head.parameters()) + [log_scale]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, fused=True)  # vendor-independent sqrt: training._optimizer
     positive = (caption_group[None, :] == image_group[:, None])  # image x caption
 
     def logits(indices: torch.Tensor) -> torch.Tensor:

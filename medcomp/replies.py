@@ -101,7 +101,12 @@ def _parse(reply: Any) -> ParsedReply:
     for obj in _json_objects(text):
         if not isinstance(obj, dict):
             continue
-        lowered = {str(k).strip().lower(): v for k, v in obj.items()}
+        lowered: dict[str, Any] = {}
+        for key, value in obj.items():  # "Rating" and "rating " are one key to a reader: two values are two ratings
+            normal = " ".join(str(key).lower().split())
+            if normal in lowered and lowered[normal] != value:
+                return ParsedReply(None, "", f"ambiguous: key {normal!r} given twice ({repr(lowered[normal])[:20]}, {repr(value)[:20]})")
+            lowered[normal] = value
         for key in _RATING_KEYS:
             if key in lowered:
                 number = _as_rating(lowered[key])

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
-from medcomp.params import REPO_ROOT, Params, load_params, resolve_params_path
-from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint
+from medcomp.data import DatasetError, check_layout
+from medcomp.params import REPO_ROOT, Params, ParamsError, load_params, resolve_params_path
+from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint, published_reference
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -193,12 +194,18 @@ def run_pipeline(
     """Execute the notebooks for ``params_file``; returns one outcome per notebook."""
     params = load_params(params_file)  # fails before any work on a bad file
     params_path = resolve_params_path(params_file).resolve()
+    try:
+        check_layout(params)  # a missing dataset fails now, not after the model's download
+    except DatasetError as error:
+        raise ParamsError(f"{params_path}: {error}") from None
     run_dir = Path(run_dir or REPORTS_DIR / params.run_name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # read by torch in every kernel and child this run starts (a sweep's next point may ask for other numerics);
     # the caller's environment is given back afterwards
-    with children_in(params.runtime.numerics):
-        numerics = {"mode": params.runtime.numerics, **kernel_fingerprint(params.runtime.numerics)}
+    mode = params.runtime.numerics_mode()
+    with children_in(mode):
+        numerics = {"mode": mode, "asked": params.runtime.numerics, **kernel_fingerprint(mode)}
+        numerics["comparable with"] = published_reference(numerics.get("probe hash"))
         write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
         shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
@@ -252,7 +259,7 @@ def numerics_html(run_dir: Path) -> str:
         return ""
     manifest = json.loads(path.read_text())
     numerics, artefacts = manifest.get("numerics", {}), manifest.get("artefacts", {})
-    shown = {key: numerics.get(key) for key in ("mode", "cpu", "instruction sets", "aten capability", "torch threads", "torch", "mkl", "onednn",
+    shown = {key: numerics.get(key) for key in ("mode", "asked", "comparable with", "cpu", "vendor", "instruction sets", "aten capability", "torch threads", "torch", "mkl", "onednn",
                                                 "pins", "probe loss", "probe hash") if key in numerics}
     shown |= {f"kernels: {family}": digest for family, digest in numerics.get("kernel hashes", {}).items()}
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in shown.items())

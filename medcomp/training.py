@@ -54,10 +54,16 @@ def load_for_finetuning(source: str, model_dtype: str, device: str, params: Fine
     quantization = qlora_quantization(params)
     model = load_llava(source, dtype=model_dtype, device=device, quantization_config=quantization)
     if quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=CHECKPOINTING)
     elif params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     return get_peft_model(model, lora_config(params))
+
+
+# torch.utils.checkpoint asks callers to choose: the reentrant variant is deprecated (a later torch raises without a
+# choice) and drops gradients of inputs that do not require them, which a frozen LoRA base's embeddings are.
+CHECKPOINTING = {"use_reentrant": False}
 
 
 def _optimizer(model, params: FinetuneParams) -> torch.optim.Optimizer:
@@ -66,7 +72,10 @@ def _optimizer(model, params: FinetuneParams) -> torch.optim.Optimizer:
         if parameter.requires_grad:
             (adapter if "lora_" in name else full).append(parameter)
     groups = [group for group in ({"params": adapter, "lr": params.learning_rate}, {"params": full, "lr": params.modules_learning_rate}) if group["params"]]
-    return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
+    # fused: one ATen kernel whose sqrt is the CPU's IEEE instruction. The default (foreach) step takes the
+    # square root through MKL's vector math, whose bits depend on the CPU vendor whatever MKL_CBWR says
+    # (medcomp.numerics, "AdamW step" rows): the one family that parted Intel and AMD under `portable`.
+    return torch.optim.AdamW(groups, weight_decay=params.weight_decay, fused=True)
 
 
 def _precision_flags(params: FinetuneParams, device: str) -> dict[str, bool]:
@@ -303,7 +312,7 @@ def train_modules_only(
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith(trained_prefixes))
     if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     result = _fit(model, processor, train_examples, params, output_dir, [checkpoint_identity(source), model_dtype, seed, "modules"], device, seed,
                   target_dir or output_dir / "merged")
     return replace(result, adapter_dir=None)

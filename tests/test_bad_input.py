@@ -155,3 +155,49 @@ def test_changing_how_often_training_logs_keeps_its_checkpoints(tmp_path, synthe
     assert (checkpoints / "checkpoint-10").exists(), "a logging-only change wiped the checkpoints"
     _checkpoints_for(tmp_path, ["model"], examples, FinetuneParams(learning_rate=1e-3))
     assert not (checkpoints / "checkpoint-10").exists(), "a change that alters training must start afresh"
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys; a params file with `seed: 0` then `seed: 7` would run seed 7."""
+    path = tmp_path / "p.yaml"
+    path.write_text("run_name: x\nseed: 0\nruntime:\n  threads: 2\nseed: 7\n")
+    with pytest.raises(ParamsError, match=r"key 'seed' appears twice \(lines 2 and 5\)"):
+        load_params(path)
+    path.write_text("run_name: x\nruntime:\n  threads: 2\n  threads: 4\n")  # nested too
+    with pytest.raises(ParamsError, match=r"key 'threads' appears twice \(lines 3 and 4\)"):
+        load_params(path)
+    path.write_text("run_name: x\nworld: real\nseed: 7\nruntime:\n  threads: 2\n")
+    assert load_params(path).seed == 7
+
+
+def test_check_refuses_a_data_root_without_dermnets_layout_before_any_work(tmp_path, synthetic_root, capsys):
+    import shutil
+
+    from medcomp.__main__ import main
+
+    def check(root) -> int:
+        path = tmp_path / "real.yaml"
+        path.write_text(f"run_name: x\nworld: real\ndata:\n  root: {root}\n")
+        return main(["check", str(path)])
+
+    assert check(tmp_path / "nonexistent" / "dermnet") == 2
+    assert "nonexistent/dermnet does not exist" in capsys.readouterr().err
+    assert check(synthetic_root) == 0  # the generated data has DermNet's layout
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_root, broken)
+    shutil.rmtree(broken / "test")
+    assert check(broken) == 2 and "has no test/ folder" in capsys.readouterr().err
+    shutil.copytree(synthetic_root / "test", broken / "test")
+    folder = next(p for p in sorted((broken / "train").iterdir()) if p.is_dir())
+    shutil.rmtree(folder)
+    assert check(broken) == 2 and f"under train/ (looked for ['{folder.name}'" in capsys.readouterr().err
+
+
+def test_a_run_with_a_missing_data_root_stops_before_any_notebook(tmp_path):
+    from medcomp.runner import run_pipeline
+
+    path = tmp_path / "real.yaml"
+    path.write_text("run_name: x\nworld: real\ndata:\n  root: /nonexistent/dermnet\n")
+    with pytest.raises(ParamsError, match="data.root /nonexistent/dermnet does not exist"):
+        run_pipeline(path, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -353,3 +353,17 @@ def test_scores_by_question_kind():
     judgements = [judging.Judgement("valid", 4), judging.Judgement("valid", 2), judging.Judgement("invalid", None)]
     table = scoring.scores_by_question({"v": (items, judgements)})
     assert table.loc["v", "name"] == 75.0 and "features" not in table.columns
+
+
+@pytest.mark.parametrize("reply", ['{"Rating": 3, "rating": 4}', '{"rating": 2, " RATING ": 3}', '{"Total Rating": 1, "total  rating": 4}'])
+def test_rating_keys_that_differ_only_in_case_or_spacing_and_disagree_are_ambiguous(reply):
+    from medcomp.replies import parse_rating
+
+    parsed = parse_rating(reply)
+    assert parsed.rating is None and parsed.problem.startswith("ambiguous: key")
+
+
+def test_rating_keys_that_differ_only_in_case_and_agree_give_the_rating():
+    from medcomp.replies import parse_rating
+
+    assert parse_rating('{"Rating": 3, "rating": 3}').rating == 3

@@ -12,7 +12,14 @@ from medcomp import emulation, numerics
 
 FAMILIES = {"fp32 linear (MKL GEMM)", "fp32 attention scores (MKL batched GEMM)", "conv2d (CLIP patch embedding)", "norms, activations (ATen)",
             "exp, log, erf (MKL VML)", "softmax, cross-entropy", "attention (SDPA)", "fp16 linear (AWQ search)", "int4 linear (AWQ serving)",
-            "nf4 (bitsandbytes)"}
+            "nf4 (bitsandbytes)", "fp32 GEMM, probe's shapes, forward and backward (MKL)", "autograd: GELU, LayerNorm, mean (ATen)", "sqrt (MKL VML)",
+            "AdamW step, foreach (the probe's; sqrt through MKL VML)", "AdamW step, fused (training's)"}
+
+
+@pytest.fixture(scope="module")
+def this_cpu_in_each_mode() -> dict[str, dict]:
+    """The kernel report of a fresh process in each mode on this CPU (the pins act only when torch loads)."""
+    return {mode: emulation.fingerprint_on(None, mode) for mode in emulation.COMPARED_MODES}
 
 
 def test_kernel_hashes_are_repeatable_and_leave_the_callers_threads():
@@ -39,12 +46,49 @@ def test_each_kernel_family_hashes_its_own_kernels_output(monkeypatch):
 
 
 @pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="on a CPU without AVX-512 the pins change no dispatch")
-def test_pins_change_the_gemm_and_attention_kernels_on_an_avx512_cpu():
-    """The pins reach MKL and ATen in a fresh process: on an AVX-512 CPU their default paths give other bits."""
-    pinned, default = (emulation.fingerprint_on(None, mode) for mode in ("pinned", "default"))
+def test_pins_change_the_kernels_each_vendors_libraries_honour(this_cpu_in_each_mode):
+    """The pins reach ATen in a fresh process on every AVX-512 CPU: its capability and SDPA part from the
+    default. MKL's GEMM and exp/log/erf part only where MKL honours its AVX2 branch: Intel's CPUs, not AMD's,
+    where they were the same bits pinned and by default on a real EPYC (numerics.MKL_HONOURS_AVX2_BRANCH)."""
+    pinned, default = this_cpu_in_each_mode["pinned"], this_cpu_in_each_mode["default"]
     assert pinned["aten capability"] == "AVX2" and default["aten capability"] != "AVX2"
     parted = {family for family in FAMILIES if pinned["kernel hashes"][family] != default["kernel hashes"][family]}
-    assert {"fp32 linear (MKL GEMM)", "attention (SDPA)", "exp, log, erf (MKL VML)"} <= parted
+    assert "attention (SDPA)" in parted
+    mkl = {"fp32 linear (MKL GEMM)", "exp, log, erf (MKL VML)"}
+    if numerics.MKL_HONOURS_AVX2_BRANCH.get(numerics.cpu_vendor()):
+        assert mkl <= parted
+    elif numerics.cpu_vendor() == "amd":
+        assert not mkl & parted
+
+
+def test_fused_adamw_is_the_same_bits_in_every_mode_and_training_uses_it(this_cpu_in_each_mode):
+    """AdamW's fused step takes the square root with the CPU's IEEE instruction, so no MKL branch moves it;
+    the foreach step (the shared probe's) goes through MKL's sqrt, which parts Intel from AMD under every
+    pin. Training (01, 04 and the bootstrap) must take the fused one."""
+    from medcomp import params as schema
+    from medcomp.training import _optimizer
+
+    fused = {mode: report["kernel hashes"]["AdamW step, fused (training's)"] for mode, report in this_cpu_in_each_mode.items()}
+    assert len(set(fused.values())) == 1, fused
+    if numerics.MKL_HONOURS_AVX2_BRANCH.get(numerics.cpu_vendor()):  # where MKL's sqrt follows the pins, the foreach step does too
+        foreach = {mode: report["kernel hashes"]["AdamW step, foreach (the probe's; sqrt through MKL VML)"] for mode, report in this_cpu_in_each_mode.items()}
+        assert foreach["portable"] != foreach["pinned"]
+    model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(4, 2), "projector": torch.nn.Linear(2, 2)})
+    assert _optimizer(model, schema.FinetuneParams()).defaults["fused"] is True
+
+
+def test_the_vendor_decides_auto_and_the_probe_names_its_reference(tmp_path):
+    for vendor_id, vendor in (("GenuineIntel", "intel"), ("AuthenticAMD", "amd"), ("HygonGenuine", "other")):
+        (tmp_path / vendor).write_text(f"processor\t: 0\nvendor_id\t: {vendor_id}\nflags\t\t: avx2\n")
+        assert numerics.cpu_vendor(str(tmp_path / vendor)) == vendor
+    assert numerics.cpu_vendor(str(tmp_path / "missing")) == "other"
+    assert [numerics.resolve_mode("auto", vendor) for vendor in ("intel", "amd", "other")] == ["pinned", "default", "default"]
+    assert numerics.resolve_mode("portable", "amd") == "portable"  # asked for by name: kept on every vendor
+    with pytest.raises(ValueError, match="unknown numerics mode 'fast'"):
+        numerics.resolve_mode("fast")
+    assert "Intel CPUs, pinned" in numerics.published_reference("cb523f34f6263620")
+    assert "AMD CPUs, portable" in numerics.published_reference("f1391541061d0d39")
+    assert numerics.published_reference("0123456789abcdef").startswith("none")
 
 
 def _fake_fingerprint(**kernels) -> dict:
@@ -105,13 +149,14 @@ def test_the_index_shows_each_kernel_familys_hash_from_the_manifest(tmp_path):
     assert "<code>cb523f34f6263620</code>" in page and "<code>c5bfe5a450af5258</code>" in page
 
 
-def test_portable_mode_moves_mkl_to_the_branch_every_x86_cpu_takes():
+def test_portable_mode_moves_mkl_to_the_branch_every_x86_cpu_takes(this_cpu_in_each_mode):
     """'portable' differs from 'pinned' only in MKL's branch (SSE2, which AMD CPUs honour), and that
     reaches MKL in a fresh process: its GEMM computes other bits than the AVX2 branch."""
     portable, pinned = numerics.pinned_environment("portable"), numerics.pinned_environment("pinned")
     assert portable == {**pinned, "MKL_CBWR": "COMPATIBLE"}
     with pytest.raises(ValueError, match="unknown numerics mode 'fast'.*pinned, portable"):
         numerics.pinned_environment("fast")
-    on_sse2, on_avx2 = (emulation.fingerprint_on(None, mode)["kernel hashes"] for mode in ("portable", "pinned"))
-    assert on_sse2["fp32 linear (MKL GEMM)"] != on_avx2["fp32 linear (MKL GEMM)"]
+    on_sse2, on_avx2 = (this_cpu_in_each_mode[mode]["kernel hashes"] for mode in ("portable", "pinned"))
+    if numerics.cpu_vendor() in ("intel", "amd"):  # measured on both: on AMD MKL's own AVX2 path is not its SSE2 branch either
+        assert on_sse2["fp32 linear (MKL GEMM)"] != on_avx2["fp32 linear (MKL GEMM)"]
     assert on_sse2["int4 linear (AWQ serving)"] == on_avx2["int4 linear (AWQ serving)"]  # not MKL's: the same kernel in both

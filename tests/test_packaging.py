@@ -89,3 +89,52 @@ def test_setup_install_steps_stop_at_the_first_failed_step():
     assert run("torch") == ["call torch==2.14.1", "fallback"]
     assert run("constraints") == ["call torch==2.14.1", "call -c constraints.txt -e .[test,awq]", "fallback"]
     assert run("nothing")[-1] == "done" and len(run("nothing")) == 4
+
+
+def _kaggle_install(tmp_path, *args, driver: str | None, torch_version: str = "2.10.0"):
+    """scripts/kaggle_install.sh as a Kaggle user runs it, with --dry-run (pip's downloads are printed, not
+    run), a Python whose torch is ``torch_version`` (a dist-info first on its path, as Kaggle's image has
+    one) and an nvidia-smi on PATH that reports ``driver`` (none on PATH when None)."""
+    import os
+    import subprocess
+    import sys
+
+    site, bin_dir = tmp_path / "site", tmp_path / "bin"
+    (site / f"torch-{torch_version}.dist-info").mkdir(parents=True, exist_ok=True)
+    (site / f"torch-{torch_version}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.unlink(missing_ok=True)
+    if driver is not None:
+        smi.write_text(f"#!/bin/sh\necho '{driver}'\n")
+        smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(site), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "kaggle_install.sh"), *args, "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_kaggle_install_upgrades_torch_to_the_locks_release_in_the_build_the_driver_runs(tmp_path):
+    lock = _lock()
+    old_driver = _kaggle_install(tmp_path, "--awq", "--upgrade-torch", driver="550.54.15")
+    assert old_driver.returncode == 0, old_driver.stderr
+    assert (f"pip install --quiet --index-url https://download.pytorch.org/whl/cu126 torch=={lock['torch']} triton=={lock['triton']}"
+            in old_driver.stdout)
+    new_driver = _kaggle_install(tmp_path, "--awq", "--upgrade-torch", driver="580.65.06")
+    assert new_driver.returncode == 0, new_driver.stderr
+    assert f"pip install --quiet torch=={lock['torch']} triton=={lock['triton']}" in new_driver.stdout and "index-url" not in new_driver.stdout
+    for result in (old_driver, new_driver):  # medcomp and GPTQModel's stack then install against the lock
+        assert f"    torch=={lock['torch']}" in result.stdout and f"    protobuf=={lock['protobuf']}" in result.stdout
+        assert f"    GPTQModel=={lock['gptqmodel']}" in result.stdout
+    too_old = _kaggle_install(tmp_path, "--awq", "--upgrade-torch", driver="470.82.01")
+    assert too_old.returncode == 4 and "older than 525" in too_old.stdout + too_old.stderr
+    no_gpu = _kaggle_install(tmp_path, "--awq", "--upgrade-torch", driver=None)
+    assert no_gpu.returncode == 4 and "nvidia-smi" in no_gpu.stderr
+
+
+def test_kaggle_install_keeps_kaggles_torch_by_its_distribution_version(tmp_path):
+    """Kaggle's torch says 2.10.0+cu128 in torch.__version__ but is the distribution 2.10.0: pinning the former
+    made pip's resolver refuse every install (ResolutionImpossible)."""
+    kept = _kaggle_install(tmp_path, driver="550.54.15")
+    assert kept.returncode == 0, kept.stderr
+    assert "    torch==2.10.0\n" in kept.stdout and "download.pytorch.org" not in kept.stdout and "protobuf==" not in kept.stdout
+    refused = _kaggle_install(tmp_path, "--awq", driver="550.54.15")
+    assert refused.returncode == 3 and "--upgrade-torch" in refused.stderr

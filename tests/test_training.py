@@ -125,3 +125,25 @@ def test_a_finetune_does_not_depend_on_what_drew_random_numbers_before_it(tiny_e
         adapters.append(load_file(result.adapter_dir / "adapter_model.safetensors"))
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_gradient_checkpointing_chooses_the_non_reentrant_variant(tiny_embedded_model, quantization):
+    """torch.utils.checkpoint deprecates calls that leave use_reentrant unset (a later torch raises): both
+    ways into checkpointing (QLoRA's prepare_model_for_kbit_training and a plain model's) pass it, and a
+    training step under checkpointing warns nothing about it."""
+    import warnings
+
+    from medcomp.params import FinetuneParams
+    from medcomp.training import load_for_finetuning
+
+    params = FinetuneParams(quantization=quantization, compute_dtype="float32", gradient_checkpointing=True)
+    model = load_for_finetuning(str(tiny_embedded_model), "float32", "cpu", params)
+    checkpoint = model.base_model.model.model.language_model._gradient_checkpointing_func
+    assert checkpoint.keywords == {"use_reentrant": False}
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = torch.tensor([[1, 2, 3, 4]])
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
