@@ -25,7 +25,8 @@ IMAGE_TOKEN = "<image>"
 
 
 # Bump when medcomp.pretraining changes what it computes: cached pretrained models are then rebuilt.
-PRETRAINING_RECIPE_VERSION = 1
+# 2: AdamW fused (the same bits as 1 pinned on Intel, others elsewhere: medcomp.numerics, "AdamW step" rows).
+PRETRAINING_RECIPE_VERSION = 2
 
 
 # A ChatML template that understands LLaVA-style content lists ({"type": "image"} / "text").

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from medcomp.backends import CPU_BACKEND, TORCH_BACKEND, awq_backend
 from medcomp.files import WRITE_ID, atomic_directory
 
 
@@ -238,14 +239,25 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
         # dtype, or fp32 inputs meet fp16 norms ("mixed dtype (CPU)")
         dtype = config["bnb_4bit_compute_dtype"]
     kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": {"": device}}
-    if config.get("quant_method") == "awq" and device == "cpu":
-        kwargs["quantization_config"] = AwqConfig(bits=config["bits"], group_size=config["group_size"], backend="torch_fused_awq",
-                                                  modules_to_not_convert=FULL_PRECISION_MODULES)
+    backends = [None]
+    if config.get("quant_method") == "awq":  # the kernel chosen by the device's capability (medcomp.backends), not transformers' order
+        choice = awq_backend(str(device))
+        backends = [choice.backend] + ([TORCH_BACKEND] if choice.backend not in (TORCH_BACKEND, CPU_BACKEND) else [])
     import warnings
 
-    with warnings.catch_warnings(), _quiet():
-        warnings.simplefilter("ignore")  # "the quantization_config from the model will be used": expected
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs).eval()
+    for backend in backends:
+        if backend is not None:
+            kwargs["quantization_config"] = AwqConfig(bits=config["bits"], group_size=config["group_size"], backend=backend,
+                                                      modules_to_not_convert=FULL_PRECISION_MODULES)
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")  # "the quantization_config from the model will be used": expected
+                model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs).eval()
+            break
+        except Exception as error:  # noqa: BLE001  a kernel that fails at load falls back to the plain-torch one, said aloud
+            if backend == backends[-1]:
+                raise
+            warnings.warn(f"AWQ kernel {backend} failed to load {path} ({type(error).__name__}: {error}); falling back to {backends[-1]}")
     assert_decoder_quantized(model)
     return model
 

@@ -8,11 +8,18 @@ from typing import Any
 
 from medcomp import plan
 from medcomp.numerics import PINNED_ENV, active_pins, in_mode, pinned_environment
-from medcomp.params import Params, default_params_name, load_params
+from medcomp.params import Params, load_params
 from medcomp.runs import Run, write_manifest
 
 EMBEDDED_NOTE = ("> Embedded world: a 135M-parameter LLaVA assembled offline on synthetic DermNet-layout images. "
                  "Its numbers are an honest small model's results and are **not** the paper's.")
+
+
+def default_params_name() -> str:
+    """The notebooks' default when opened by hand: the paper's setup on a GPU, else the embedded one."""
+    import torch
+
+    return "kaggle_t4" if torch.cuda.is_available() else "embedded"
 
 
 def quiet_libraries() -> None:

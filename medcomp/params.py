@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medcomp.files import content_hash
 from medcomp.numerics import resolve_mode
-from medcomp.validation import describe, looks_like_variable_name, secret_like_keys
+from medcomp.validation import UniqueKeyLoader, describe, looks_like_variable_name, secret_like_keys
 from medcomp.knowledge import DISEASES_BY_SLUG, QUESTIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -286,10 +286,8 @@ class JudgeParams(Strict):
 
 class RuntimeParams(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch threads for training and generation")
-    numerics: Literal["auto", "default", "pinned", "portable"] = Field(
-        "default", description="'pinned': ATen, MKL and oneDNN capped at AVX2 in every kernel (medcomp.numerics): the same bits on Intel "
-        "CPUs with AVX2; 'portable': MKL on SSE2 besides (GEMMs ~2.7x slower), the branch AMD CPUs honour too; 'auto': pinned on Intel, "
-        "default elsewhere (medcomp.numerics.AUTO_MODE, measured on both vendors)")
+    numerics: Literal["auto", "default", "pinned", "portable"] = Field("default", description="CPU kernels (medcomp.numerics): 'pinned' caps ATen, MKL, oneDNN at AVX2 (Intel's bits); "
+                                                                       "'portable' MKL on SSE2 besides (AMD honours it; GEMMs ~2.7x slower); 'auto' pinned on Intel, else default")
     timing_threads: int = Field(1, ge=1, le=256, description="torch threads while timing (1 keeps CPU timings steady)")
     cache_dir: str | None = Field(None, description="built embedded models and datasets; default $MEDCOMP_CACHE or ~/.cache/medcomp")
     scratch_dir: str | None = Field(None, description="heavy model folders (merged, pruned, 4-bit) go here instead of the run folder; "
@@ -380,21 +378,6 @@ def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
     return paths
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML requires a mapping's keys to be unique; PyYAML keeps the last silently (``seed: 0`` then ``seed: 7``
-    would run seed 7). This loader refuses a repeated key, naming it and both lines."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (lines {seen[key]} and "
-                                                        f"{key_node.start_mark.line + 1}): YAML keeps only one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Read, merge ``overrides`` (nested dicts) and validate; raise ParamsError naming file and key."""
     path = resolve_params_path(name_or_path)
@@ -402,7 +385,7 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise ParamsError(f"params file {path} not found (presets: {presets})")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
@@ -414,9 +397,3 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         source = str(path) + (" with overrides of " + ", ".join(_key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
         raise ParamsError(describe(error, source)) from None
 
-
-def default_params_name() -> str:
-    """The notebooks' default when opened by hand: the paper's setup on a GPU, else the embedded one."""
-    import torch
-
-    return "kaggle_t4" if torch.cuda.is_available() else "embedded"

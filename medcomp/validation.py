@@ -2,13 +2,16 @@
 
 pydantic's errors become ``dotted.key: what is allowed; got value`` lines (``describe``); a section's
 whole dict is never printed, and a value that may be a pasted key never is. ``looks_like_variable_name``
-tells an environment variable's name from a key pasted in its place.
+tells an environment variable's name from a key pasted in its place. ``UniqueKeyLoader`` reads YAML refusing a
+repeated key, which PyYAML would silently drop.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import yaml
 
 from pydantic import ValidationError
 
@@ -70,3 +73,18 @@ def describe(error: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {key}: {message}{_shown(item.get('input'))}")
     return "\n".join(lines)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML requires a mapping's keys to be unique; PyYAML keeps the last silently (``seed: 0`` then ``seed: 7``
+    would run seed 7). This loader refuses a repeated key, naming it and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (lines {seen[key]} and "
+                                                        f"{key_node.start_mark.line + 1}): YAML keeps only one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
