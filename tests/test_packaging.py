@@ -51,9 +51,12 @@ def test_environment_yml_mirrors_the_lock():
 
 
 def _installed() -> dict[str, str]:
+    """What the venv's site-packages holds. Not every folder on sys.path: importing setuptools (GPTQModel's
+    extension builder does) appends its own vendored packages (platformdirs, ...) to it."""
+    import sysconfig
     from importlib.metadata import distributions
 
-    return {_key(d.metadata["Name"]): d.version for d in distributions()}
+    return {_key(d.metadata["Name"]): d.version for d in distributions(path=[sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])}
 
 
 def test_setup_installs_exactly_the_lock():
