@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from medcomp.backends import candidates
 from medcomp.paper import TABLE_2, TABLE_4
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -40,6 +41,8 @@ T4_SFT_SECONDS_PER_CONVERSATION_LAYER = _PAPER_SFT_MINUTES * 60 / 1737 / 25
 # 10-15 minutes on an A100); a T4 is assumed 2-3x slower. Shown as an assumption wherever used.
 T4_AWQ_SECONDS_PER_LAYER = 50.0
 PROMPT_TOKENS = 48  # chat template + one question, llava-1.5's tokenizer (measured on the test questions: 30-45)
+T4_CAPABILITY = (7, 5)
+T4_AWQ_KERNEL = candidates("cuda", T4_CAPABILITY)[0][0]  # the AWQ/RTN kernel a T4 serves with (medcomp.backends)
 KAGGLE_OUTPUT_GIB = 19.5  # /kaggle/working keeps about 20 GB between sessions
 
 
@@ -256,7 +259,7 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                             "4-bit layers done so far": weight_bytes(shape, 4) - weight_bytes(shape, 4, shape.layers)},
                            1, awq_models * shape.layers * T4_AWQ_SECONDS_PER_LAYER + awq_models * answering(q_batch, evaluation.max_new_tokens, answers),
                            f"{awq_models} quantized models x {shape.layers} layers at an assumed {T4_AWQ_SECONDS_PER_LAYER:.0f} s a layer, plus their answers"))
-    plans.append(StagePlan("05_quantize", "answering with a 4-bit model", generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch,
+    plans.append(StagePlan("05_quantize", f"answering with a 4-bit model ({T4_AWQ_KERNEL} kernel on a T4)", generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch,
                            0.0, "counted in the AWQ row"))
     bench = params.benchmark
     plans.append(StagePlan("06_benchmark", "one fp16 variant resident, batch 1", generation_plan(shape, 1, bench.new_tokens), 1,

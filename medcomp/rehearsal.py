@@ -107,6 +107,36 @@ def peaks_beside_plan(run_dir: Path, params) -> "pd.DataFrame":  # noqa: F821
     return pd.DataFrame(rows).set_index(["stage", "step"])
 
 
+def environment_report(device: str) -> list[str]:
+    """What a first run on a new GPU machine must say before anything else: torch and its CUDA build, the
+    driver, each GPU's name, memory and compute capability, and the AWQ/RTN kernel chosen (with its build
+    time, and the kernels refused with their reason)."""
+    import subprocess
+
+    import torch
+
+    from medcomp.backends import awq_backend
+    from medcomp.loading import resolve_device
+
+    lines = [f"[rehearsal] torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"]
+    if torch.cuda.is_available():
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=30).stdout.split("\n")[0].strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            driver = "unknown (no nvidia-smi)"
+        lines.append(f"[rehearsal] NVIDIA driver {driver}")
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            lines.append(f"[rehearsal] cuda:{index} {properties.name}, {properties.total_memory / 2**30:.1f} GiB, "
+                         f"compute capability {properties.major}.{properties.minor}")
+    try:
+        lines.append(f"[rehearsal] {awq_backend(resolve_device(device)).summary()}")
+    except Exception as error:  # noqa: BLE001  said here, and 05 fails on it with the same words
+        lines.append(f"[rehearsal] no AWQ/RTN kernel: {type(error).__name__}: {error}")
+    return lines
+
+
 def rehearse(work_dir: Path, device: str = "auto") -> int:
     """Build the stand-in and its data in ``work_dir``, run all seven stages, print peaks beside the plan."""
     import os
@@ -125,6 +155,7 @@ def rehearse(work_dir: Path, device: str = "auto") -> int:
     if not (data / "train").exists():
         generate_dermnet_like(data, train_per_disease=3, test_per_disease=2, image_size=32, seed=1)
     os.environ.setdefault("OPENAI_API_KEY", "rehearsal-key-not-a-secret")
+    print("\n".join(environment_report(device)), flush=True)
     started = time.perf_counter()
     with LoopbackJudge() as judge:
         params_path = write_standin_params(work_dir / "t4-standin.yaml", standin, data, judge.url, device)

@@ -94,3 +94,25 @@ def test_the_t4_kernel_compiles_for_sm_75_with_gptqmodels_own_sources(tmp_path):
     torch.ops.load_library(str(next(tmp_path.glob("*.so"))))  # its ops register without a GPU
     assert "Tensor" in str(torch.ops.gptqmodel_exllamav2_awq.gemm_half_q_half_awq.default._schema)
     assert seconds > 0
+
+
+def test_the_rehearsal_says_driver_build_capabilities_and_kernel_first(monkeypatch, warmed):
+    """On Kaggle's two T4s (simulated: torch.cuda and nvidia-smi answer as there), the rehearsal's first lines
+    name the driver, the CUDA build, each GPU's compute capability and the kernel chosen for it."""
+    import subprocess
+    import types
+
+    import torch
+
+    from medcomp import rehearsal
+
+    monkeypatch.setattr(backends, "_CHOSEN", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 0, "550.90.07\n550.90.07\n", ""))
+    lines = rehearsal.environment_report("cuda")
+    assert lines[1] == "[rehearsal] NVIDIA driver 550.90.07"
+    assert lines[2:4] == [f"[rehearsal] cuda:{i} Tesla T4, 15.0 GiB, compute capability 7.5" for i in (0, 1)]
+    assert lines[4].startswith("[rehearsal] AWQ/RTN kernel on cuda (compute capability 7.5): exllama_v2")
