@@ -71,13 +71,20 @@ def resolve_mode(mode: str, vendor: str | None = None) -> str:
     return mode
 
 
+# Where whole-run artefact hashes are published, by the (vendor, mode) whose probe they go with.
+PUBLISHED_ARTEFACTS = {("intel", "pinned"): "docs/reproducibility.md, 'Published bits'"}
+
+
 def published_reference(probe_hash: str | None) -> str:
     """Which published bits a run can be compared with, from its probe's hash: the vendor and mode that gave the
-    same hash on a real machine, or a sentence saying that none did."""
-    if probe_hash in PUBLISHED_PROBES:
-        vendor, mode = PUBLISHED_PROBES[probe_hash]
-        return f"the probe's published value on {'Intel' if vendor == 'intel' else 'AMD'} CPUs, {mode} (../shared/repro_reference.md)"
-    return "none: no published probe has this hash, so this run's artefact hashes are its own (compare verdicts over seeds instead)"
+    same probe on a real machine, and whether that pair has published artefact hashes; or that none did."""
+    if probe_hash not in PUBLISHED_PROBES:
+        return "none: no published probe has this hash, so this run's artefact hashes are its own (compare verdicts over seeds instead)"
+    vendor, mode = PUBLISHED_PROBES[probe_hash]
+    probe = f"the probe's published value on {'Intel' if vendor == 'intel' else 'AMD'} CPUs, {mode} (../shared/repro_reference.md)"
+    if (vendor, mode) in PUBLISHED_ARTEFACTS:
+        return f"{probe}; artefact hashes to compare with: {PUBLISHED_ARTEFACTS[(vendor, mode)]}"
+    return f"{probe}; no artefact hashes are published for it"
 
 
 def pinned_environment(mode: str) -> dict[str, str]:

@@ -86,8 +86,8 @@ def test_the_vendor_decides_auto_and_the_probe_names_its_reference(tmp_path):
     assert numerics.resolve_mode("portable", "amd") == "portable"  # asked for by name: kept on every vendor
     with pytest.raises(ValueError, match="unknown numerics mode 'fast'"):
         numerics.resolve_mode("fast")
-    assert "Intel CPUs, pinned" in numerics.published_reference("cb523f34f6263620")
-    assert "AMD CPUs, portable" in numerics.published_reference("f1391541061d0d39")
+    assert "Intel CPUs, pinned" in numerics.published_reference("cb523f34f6263620") and "Published bits" in numerics.published_reference("cb523f34f6263620")
+    assert numerics.published_reference("f1391541061d0d39").endswith("AMD CPUs, portable (../shared/repro_reference.md); no artefact hashes are published for it")
     assert numerics.published_reference("0123456789abcdef").startswith("none")
 
 
@@ -141,12 +141,15 @@ def test_the_index_shows_each_kernel_familys_hash_from_the_manifest(tmp_path):
     from medcomp.runner import numerics_html
 
     kernels = {"fp32 linear (MKL GEMM)": "037969b918a1851e", "int4 linear (AWQ serving)": "25347348f26624c8"}
-    (tmp_path / "manifest.json").write_text(json.dumps({"numerics": {"mode": "pinned", "probe hash": "cb523f34f6263620", "kernel hashes": kernels},
+    reference = numerics.published_reference("cb523f34f6263620")
+    (tmp_path / "manifest.json").write_text(json.dumps({"numerics": {"mode": "pinned", "asked": "auto", "comparable with": reference,
+                                                                     "probe hash": "cb523f34f6263620", "kernel hashes": kernels},
                                                         "artefacts": {"01_finetune": "c5bfe5a450af5258"}}))
     page = numerics_html(tmp_path)
     for family, digest in kernels.items():
         assert f"<tr><th>kernels: {family}</th><td><code>{digest}</code></td></tr>" in page
     assert "<code>cb523f34f6263620</code>" in page and "<code>c5bfe5a450af5258</code>" in page
+    assert "<tr><th>asked</th><td><code>auto</code></td></tr><tr><th>comparable with</th><td><code>the probe&#x27;s published value on Intel" in page
 
 
 def test_portable_mode_moves_mkl_to_the_branch_every_x86_cpu_takes(this_cpu_in_each_mode):
