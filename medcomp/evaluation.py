@@ -191,8 +191,8 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        for gpu in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            torch.cuda.reset_peak_memory_stats(gpu)
         return self
 
     def _sample(self) -> None:
@@ -204,5 +204,8 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self._process.memory_info().rss)
         self.gib = {"peak RAM (GiB)": round(self._peak / 2**30, 2)}
-        if torch.cuda.is_available():
-            self.gib["peak GPU memory (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peaks = [torch.cuda.max_memory_allocated(gpu) / 2**30 for gpu in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+        if peaks:  # the fullest GPU's peak (what the plan's budget is per GPU), and each GPU's when the model spans several
+            self.gib["peak GPU memory (GiB)"] = round(max(peaks), 2)
+            if len(peaks) > 1:
+                self.gib.update({f"peak GPU {gpu} memory (GiB)": round(peak, 2) for gpu, peak in enumerate(peaks)})

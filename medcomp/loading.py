@@ -22,6 +22,7 @@ import torch
 
 from medcomp.backends import CPU_BACKEND, TORCH_BACKEND, awq_backend
 from medcomp.files import WRITE_ID, atomic_directory
+from medcomp.placement import cuda_device_map
 
 
 # Module prefixes as transformers 5 names them inside LlavaForConditionalGeneration. Quantization
@@ -131,8 +132,10 @@ def load_llava(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    if str(device).startswith("cuda"):  # one GPU, or the split over model.gpus that medcomp.plan checked
+        kwargs["device_map"] = cuda_device_map(source, bits=4 if quantization_config is not None else 16)
     model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
-    if quantization_config is None:
+    if "device_map" not in kwargs:
         model.to(device)
     return model.eval()
 
@@ -172,7 +175,7 @@ def tensor_bytes(module) -> int:
 
 
 def model_device(model) -> torch.device:
-    """Where a model's weights are (its first parameter's device; a model is loaded onto one device)."""
+    """Where a model's inputs go: its first parameter's device (the vision tower's: GPU 0 of a split, medcomp.placement)."""
     return next(model.parameters()).device
 
 
@@ -238,7 +241,7 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
         # a saved nf4 model keeps its full-precision modules in the dtype it was saved in: serve it in that
         # dtype, or fp32 inputs meet fp16 norms ("mixed dtype (CPU)")
         dtype = config["bnb_4bit_compute_dtype"]
-    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": {"": device}}
+    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "device_map": cuda_device_map(path, bits=4) if str(device).startswith("cuda") else {"": device}}
     backends = [None]
     if config.get("quant_method") == "awq":  # the kernel chosen by the device's capability (medcomp.backends), not transformers' order
         choice = awq_backend(str(device))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medcomp import plan
+from medcomp.placement import use_gpus
 from medcomp.numerics import PINNED_ENV, active_pins, in_mode, pinned_environment
 from medcomp.params import Params, load_params
 from medcomp.runs import Run, write_manifest
@@ -63,6 +64,7 @@ def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = N
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(params.seed)
     torch.set_num_threads(params.runtime.threads)
+    use_gpus(params.model.gpus)  # every CUDA load of this kernel splits its model the way medcomp.plan planned
     run = Run.for_params(params, run_dir)
     if not (run.directory / "manifest.json").exists():
         write_manifest(run.directory, params, {"params_file": str(params_file)})

@@ -63,6 +63,7 @@ class ModelParams(Strict):
     id: str = Field("llava-hf/llava-1.5-7b-hf", min_length=1, description="hub id, local path, or embedded:<name>")
     dtype: Dtype = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: int = Field(1, ge=1, le=16, description="GPUs one model is split over on CUDA (medcomp.placement); Kaggle gives two T4s")
     embedded: EmbeddedModelParams = EmbeddedModelParams()
 
 
@@ -362,38 +363,37 @@ def resolve_params_path(name_or_path: str | Path) -> Path:
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_overrides(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    """``base`` with ``overrides`` laid over it, nested dicts merged key by key."""
+    return {**base, **{key: merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+                       for key, value in overrides.items()}}
 
 
 def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
-    paths = []
-    for key, value in mapping.items():
-        paths += _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return paths
+    return [path for key, value in mapping.items() for path in (_key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
 
-def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
-    """Read, merge ``overrides`` (nested dicts) and validate; raise ParamsError naming file and key."""
-    path = resolve_params_path(name_or_path)
+def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
-        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise ParamsError(f"params file {path} not found (presets: {presets})")
+        raise ParamsError(f"params file {path} not found (presets: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))})")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read, merge ``overrides`` (nested dicts) and validate; raise ParamsError naming file and key. A file whose
+    ``base:`` names another params file or preset holds only the keys it changes in that one."""
+    path = resolve_params_path(name_or_path)
+    raw = _read(path)
+    if "base" in raw:
+        raw = merge_overrides(_read(resolve_params_path(raw.pop("base"))), raw)
     merged = merge_overrides(raw, overrides or {})
     try:
         return Params.model_validate(merged)
     except ValidationError as error:
         source = str(path) + (" with overrides of " + ", ".join(_key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
         raise ParamsError(describe(error, source)) from None
-

@@ -1,32 +1,30 @@
-"""Memory, time and disk plans for a run on a Kaggle T4, computed from the model's config before any stage runs.
+"""Memory, time and disk plans for a run on Kaggle's T4s, computed from the model's config before any stage runs.
 
-A T4 has 16 GB (15.1 GiB usable); every stage must peak at or below ``T4_BUDGET_GIB`` of allocated
-memory. The plan is built from the model's own config (``llava-hf/llava-1.5-7b-hf``'s ships in
-``medcomp/reference``), with the model instantiated on the **meta** device: its parameters are counted
-exactly and nothing is allocated. Per stage it adds up:
+A T4 has 16 GB (15.1 GiB usable): every stage must peak at or below ``T4_BUDGET_GIB`` of allocated memory
+on each GPU; with ``model.gpus: 2`` (Kaggle's "GPU T4 x2") the model is split as ``medcomp.placement``
+loads it, and each GPU's peak is planned. The plan is built from the model's own config (``llava-1.5-7b-hf``'s
+ships in ``medcomp/reference``) instantiated on the **meta** device. Per stage it adds up: the weights by
+dtype and bit width (4-bit linears with their group scales and zeros); the KV cache (2 x layers x batch x
+tokens x KV heads x head dim x 2 bytes); training activations with gradient checkpointing (each layer's
+input kept, one layer recomputed: Korthikanti et al. 2022's 34 s b h bytes, plus the answers' fp32 logits);
+LoRA's parameters, gradients and AdamW's two moments (16 bytes a parameter).
 
-- weights, by dtype and bit width (fp16; 4-bit decoder linears with their group scales and zeros);
-- the KV cache: 2 x layers x batch x (576 image tokens + prompt + new tokens) x KV heads x head dim x 2 bytes;
-- training activations with gradient checkpointing (each layer's input kept, one layer recomputed with
-  its gradients: Korthikanti et al. 2022's 34 s b h bytes, plus the answer tokens' fp32 logits);
-- LoRA's trainable parameters, their gradients and AdamW's two moments (16 bytes a parameter).
-
-``batch_size: auto`` in the params resolves to the largest generation batch whose plan fits the budget
-(``auto_batch_size``). Times are T4 estimates from token and step counts and the paper's own measured
-rates: 154 ms per generated token (Table 4) and 2 h 42 min for one recovery-SFT epoch of the 25-layer
-model (Table 2). They are estimates, not measurements, and every table says so.
+``batch_size: auto`` resolves to the largest generation batch whose plan fits (``auto_batch_size``). Times
+are T4 estimates from token and step counts and the paper's own rates: 154 ms per generated token (Table 4)
+and 2 h 42 min for one recovery-SFT epoch of the 25-layer model (Table 2). Estimates, and every table says so.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from medcomp.backends import candidates
+from medcomp.placement import Parts, balanced_layers, gpu_peaks
 from medcomp.paper import TABLE_2, TABLE_4
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -159,10 +157,21 @@ class StagePlan:
     batch_size: int
     seconds: float  # T4 estimate
     how: str  # what the time estimate rests on
+    gpus: tuple[int, ...] = ()  # blocks per GPU when the model spans several (medcomp.placement); () for one GPU
+    parts: Parts | None = None  # the model's parts as this step holds them (bits, blocks removed)
+    bits: int = 16
+
+    @property
+    def gpu_peaks(self) -> list[float]:
+        """Each GPU's planned peak (one entry on one GPU)."""
+        if len(self.gpus) < 2 or self.parts is None:
+            return [float(sum(self.terms.values()))]
+        return gpu_peaks(self.terms, self.parts, self.gpus, self.bits)
 
     @property
     def peak_bytes(self) -> int:
-        return sum(self.terms.values())
+        """The fullest GPU's planned peak."""
+        return int(max(self.gpu_peaks))
 
     def fits(self, budget_gib: float = T4_BUDGET_GIB) -> bool:
         return self.peak_bytes <= budget_gib * GIB
@@ -174,22 +183,39 @@ def generation_plan(shape: ModelShape, batch: int, new_tokens: int, bits: int = 
             "prefill activations": prefill_activation_bytes(shape, batch, shape.image_tokens + PROMPT_TOKENS)}
 
 
+def shape_parts(shape: ModelShape, layers_removed: int = 0) -> Parts:
+    """The shape as ``medcomp.placement`` splits it: the lm_head and final norm go last, the rest outside the
+    decoder (tower, projector, embeddings) first."""
+    last = shape.vocab * shape.hidden + shape.hidden
+    return Parts(shape.outside_decoder_params - last, shape.decoder_linear_params_per_layer + shape.decoder_other_params_per_layer,
+                 shape.decoder_linear_params_per_layer, last, shape.layers - layers_removed)
+
+
+def spread(plan: StagePlan, shape: ModelShape, gpus: int, bits: int = 16, layers_removed: int = 0) -> StagePlan:
+    """``plan`` with the model split over ``gpus`` GPUs as the run will load it (``placement.balanced_layers``)."""
+    if gpus < 2:
+        return plan
+    parts = shape_parts(shape, layers_removed)
+    return replace(plan, gpus=balanced_layers(*parts.part_bytes(bits), parts.layers, gpus), parts=parts, bits=bits)
+
+
 def auto_batch_size(shape: ModelShape, new_tokens: int, bits: int = 16, layers_removed: int = 0, largest: int = 16,
-                    budget_gib: float = T4_BUDGET_GIB) -> int:
-    """The largest generation batch (at most ``largest``) whose plan fits ``budget_gib``; at least 1."""
+                    budget_gib: float = T4_BUDGET_GIB, gpus: int = 1) -> int:
+    """The largest generation batch (at most ``largest``) whose plan fits ``budget_gib`` on every GPU; at least 1."""
     for batch in range(largest, 0, -1):
-        if sum(generation_plan(shape, batch, new_tokens, bits, layers_removed).values()) <= budget_gib * GIB:
+        plan = StagePlan("", "", generation_plan(shape, batch, new_tokens, bits, layers_removed), batch, 0.0, "")
+        if spread(plan, shape, gpus, bits, layers_removed).fits(budget_gib):
             return batch
     return 1
 
 
 def resolved_batch_size(configured: int | str, shape: ModelShape | None, new_tokens: int, bits: int = 16, layers_removed: int = 0,
-                        cpu_default: int = 8) -> int:
+                        cpu_default: int = 8, gpus: int = 1) -> int:
     """A params ``batch_size``: a number as given; ``auto`` from the plan (``cpu_default`` when the
     model's shape is not known before the run)."""
     if configured != "auto":
         return int(configured)
-    return auto_batch_size(shape, new_tokens, bits, layers_removed) if shape is not None else cpu_default
+    return auto_batch_size(shape, new_tokens, bits, layers_removed, gpus=gpus) if shape is not None else cpu_default
 
 
 def _answers(params) -> int:
@@ -223,8 +249,9 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
     from medcomp.pruning import levels_for_depth, prunable_layers
 
     evaluation, importance, answers = params.evaluation, params.importance, _answers(params)
-    gen_batch = resolved_batch_size(evaluation.batch_size, shape, evaluation.max_new_tokens)
-    imp_batch = resolved_batch_size(importance.batch_size, shape, importance.max_new_tokens)
+    gpus = params.model.gpus
+    gen_batch = resolved_batch_size(evaluation.batch_size, shape, evaluation.max_new_tokens, gpus=gpus)
+    imp_batch = resolved_batch_size(importance.batch_size, shape, importance.max_new_tokens, gpus=gpus)
     removable = prunable_layers(shape.layers, importance.protect_first, importance.protect_last)
     levels = levels_for_depth(params.pruning.levels, shape.layers, len(removable))
     recovered = levels_for_depth(params.recovery.levels, shape.layers, len(removable))
@@ -233,25 +260,29 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
     def answering(batches_of: int, tokens: int, count: int) -> float:
         return math.ceil(count / batches_of) * tokens * T4_SECONDS_PER_TOKEN
 
-    plans = [_sft_plan("01_finetune", "QLoRA SFT of the full model", shape, params.finetune, evaluation.max_new_tokens,
-                       _training_conversations(params), 0, gen_batch, evaluation.max_new_tokens, answers)]
-    plans.append(StagePlan("01_finetune", "answering the test set (merged fp16 model)",
-                           generation_plan(shape, gen_batch, evaluation.max_new_tokens), gen_batch, 0.0, "counted in the SFT row"))
+    on = lambda plan, bits=16, removed=0: spread(plan, shape, gpus, bits, removed)  # noqa: E731  as the run loads it: over the GPUs
+
+    plans = [on(_sft_plan("01_finetune", "QLoRA SFT of the full model", shape, params.finetune, evaluation.max_new_tokens,
+                          _training_conversations(params), 0, gen_batch, evaluation.max_new_tokens, answers), bits=4)]
+    plans.append(on(StagePlan("01_finetune", "answering the test set (merged fp16 model)",
+                              generation_plan(shape, gen_batch, evaluation.max_new_tokens), gen_batch, 0.0, "counted in the SFT row")))
     sweep = (len(removable) + 1) * answering(imp_batch, importance.max_new_tokens, importance.calibration_size)
-    plans.append(StagePlan("02_layer_importance", "prune-one-block sweep (fp16)", generation_plan(shape, imp_batch, importance.max_new_tokens),
-                           imp_batch, sweep, f"{len(removable) + 1} passes of {importance.calibration_size} answers x {importance.max_new_tokens} tokens"))
+    plans.append(on(StagePlan("02_layer_importance", "prune-one-block sweep (fp16)", generation_plan(shape, imp_batch, importance.max_new_tokens),
+                              imp_batch, sweep, f"{len(removable) + 1} passes of {importance.calibration_size} answers x {importance.max_new_tokens} tokens")))
     pruned = [count for _, count in levels if count] + ([dict(levels).get(params.pruning.magnitude_level, 0)] if params.pruning.magnitude_level else [])
-    plans.append(StagePlan("03_prune", "answering with the least-pruned model (fp16)",
-                           generation_plan(shape, gen_batch, evaluation.max_new_tokens, layers_removed=min(pruned, default=0)), gen_batch,
-                           len(pruned) * answering(gen_batch, evaluation.max_new_tokens, answers), f"{len(pruned)} levels x {answers} answers"))
+    plans.append(on(StagePlan("03_prune", "answering with the least-pruned model (fp16)",
+                              generation_plan(shape, gen_batch, evaluation.max_new_tokens, layers_removed=min(pruned, default=0)), gen_batch,
+                              len(pruned) * answering(gen_batch, evaluation.max_new_tokens, answers), f"{len(pruned)} levels x {answers} answers"),
+                    removed=min(pruned, default=0)))
     recoveries = len(recovered) + int(params.recovery.magnitude)
     sft = _sft_plan("04_sft_pruned", "recovery SFT of the least-pruned level", shape, params.recovery.finetune, evaluation.max_new_tokens,
                     _training_conversations(params), least_removed, gen_batch, evaluation.max_new_tokens, answers)
-    plans.append(StagePlan(sft.stage, sft.step, sft.terms, sft.batch_size, recoveries * sft.seconds, f"{recoveries} recoveries; each " + sft.how))
+    plans.append(on(StagePlan(sft.stage, sft.step, sft.terms, sft.batch_size, recoveries * sft.seconds, f"{recoveries} recoveries; each " + sft.how),
+                    bits=4, removed=least_removed))
     quantization = params.quantization
     awq_models = len(quantization.finetuned) + len(quantization.pruned) + len(recovered) * len(quantization.recovered) \
         + len(quantization.pipeline_ablations) + len(quantization.recovered_magnitude)
-    q_batch = auto_batch_size(shape, evaluation.max_new_tokens, bits=4) if evaluation.batch_size == "auto" else gen_batch
+    q_batch = auto_batch_size(shape, evaluation.max_new_tokens, bits=4, gpus=gpus) if evaluation.batch_size == "auto" else gen_batch
     plans.append(StagePlan("05_quantize", "AWQ search (GPTQModel, layer by layer: the fp16 model off the GPU, one layer on it)",
                            {"one fp16 decoder layer": 2 * (shape.decoder_linear_params_per_layer + shape.decoder_other_params_per_layer),
                             "the layer's calibration inputs and outputs (fp16)": 2 * quantization.calibration_size * (shape.image_tokens + PROMPT_TOKENS + evaluation.max_new_tokens) * shape.hidden * 2,
@@ -259,12 +290,12 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                             "4-bit layers done so far": weight_bytes(shape, 4) - weight_bytes(shape, 4, shape.layers)},
                            1, awq_models * shape.layers * T4_AWQ_SECONDS_PER_LAYER + awq_models * answering(q_batch, evaluation.max_new_tokens, answers),
                            f"{awq_models} quantized models x {shape.layers} layers at an assumed {T4_AWQ_SECONDS_PER_LAYER:.0f} s a layer, plus their answers"))
-    plans.append(StagePlan("05_quantize", f"answering with a 4-bit model ({T4_AWQ_KERNEL} kernel on a T4)", generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch,
-                           0.0, "counted in the AWQ row"))
+    plans.append(on(StagePlan("05_quantize", f"answering with a 4-bit model ({T4_AWQ_KERNEL} kernel on a T4)",
+                              generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch, 0.0, "counted in the AWQ row"), bits=4))
     bench = params.benchmark
-    plans.append(StagePlan("06_benchmark", "one fp16 variant resident, batch 1", generation_plan(shape, 1, bench.new_tokens), 1,
-                           (awq_models + len(levels) + recoveries + 4) * (bench.warmup + bench.repeats + 1) * bench.new_tokens * T4_SECONDS_PER_TOKEN,
-                           "every variant: warm-up, hooked run and timed runs of the forced tokens"))
+    plans.append(on(StagePlan("06_benchmark", "one fp16 variant resident, batch 1", generation_plan(shape, 1, bench.new_tokens), 1,
+                              (awq_models + len(levels) + recoveries + 4) * (bench.warmup + bench.repeats + 1) * bench.new_tokens * T4_SECONDS_PER_TOKEN,
+                              "every variant: warm-up, hooked run and timed runs of the forced tokens")))
     plans.append(StagePlan("07_judge", "the judge runs elsewhere (vLLM); this GPU holds nothing", {}, 0, 0.0, "depends on the judge's server"))
     return plans
 
@@ -278,6 +309,8 @@ def plans_table(plans: list[StagePlan], budget_gib: float = T4_BUDGET_GIB):
         rows.append({"stage": plan.stage, "largest step": plan.step, "batch": plan.batch_size,
                      "terms (GiB)": "; ".join(f"{name} {value / GIB:.2f}" for name, value in plan.terms.items()) or "—",
                      "planned peak (GiB)": round(plan.peak_bytes / GIB, 2), f"fits {budget_gib} GiB": plan.fits(budget_gib),
+                     "per GPU (GiB)": " / ".join(f"{peak / GIB:.2f}" for peak in plan.gpu_peaks),
+                     "blocks per GPU": " / ".join(map(str, plan.gpus)) or "all",
                      "T4 estimate (h)": round(plan.seconds / 3600, 2) if plan.seconds else "—", "estimate rests on": plan.how})
     return pd.DataFrame(rows).set_index(["stage", "largest step"])
 
@@ -292,8 +325,8 @@ def with_batch_sizes(params):
     """``params`` with each ``batch_size: auto`` replaced by the largest batch the T4 plan fits (the
     unpruned fp16 model: the largest a stage answers with), or 8 when the shape is not known yet."""
     shape = shape_for_params(params)
-    evaluation = resolved_batch_size(params.evaluation.batch_size, shape, params.evaluation.max_new_tokens)
-    importance = resolved_batch_size(params.importance.batch_size, shape, params.importance.max_new_tokens)
+    evaluation = resolved_batch_size(params.evaluation.batch_size, shape, params.evaluation.max_new_tokens, gpus=params.model.gpus)
+    importance = resolved_batch_size(params.importance.batch_size, shape, params.importance.max_new_tokens, gpus=params.model.gpus)
     return params.model_copy(update={"evaluation": params.evaluation.model_copy(update={"batch_size": evaluation}),
                                      "importance": params.importance.model_copy(update={"batch_size": importance})})
 
@@ -359,8 +392,8 @@ def forecast_html(params) -> str:
     plans = stage_plans(params, shape)
     hours = sum(p.seconds for p in plans) / 3600
     disk = disk_table(params, shape)
-    return (f'<div class="forecast"><h2>Forecast for a Kaggle T4 (computed before the run, from {html.escape(params.model.id)}\'s config)</h2>'
-            f"<p>Every stage's planned peak against {T4_BUDGET_GIB} GiB, and T4 hours estimated from the paper's own rates "
+    return (f'<div class="forecast"><h2>Forecast for {"a Kaggle T4" if params.model.gpus == 1 else f"{params.model.gpus} Kaggle T4s"} (computed before the run, from {html.escape(params.model.id)}\'s config)</h2>'
+            f"<p>Every stage's planned peak against {T4_BUDGET_GIB} GiB a GPU, and T4 hours estimated from the paper's own rates "
             f"({T4_SECONDS_PER_TOKEN * 1000:.0f} ms/token; Table 2's 2 h 42 min SFT epoch): about <b>{hours:.1f} h</b> in all. "
             f"Estimates, not measurements; 06 measures the real peaks on a GPU.</p>"
             f"{plans_table(plans).to_html(escape=True)}<h3>Disk</h3><p>The run folder's checkpoints, stage by stage, "

@@ -82,8 +82,12 @@ class LoopbackJudge:
 
 def write_standin_params(target: Path, standin: Path, data_root: Path, judge_url: str, device: str = "auto", extra: dict | None = None) -> Path:
     """``kaggle_t4.yaml`` with the stand-in's path, the data root, the judge's URL, the device and the sizes changed."""
+    import torch
+
     raw = yaml.safe_load((PRESETS_DIR / "kaggle_t4.yaml").read_text())
-    overrides = merge_overrides(STANDIN_SIZES, {"model": {"id": str(standin), "device": device}, "data": {"root": str(data_root)},
+    # the preset's two T4s where this machine has them; a one-GPU machine rehearses the split-free load
+    gpus = min(raw["model"].get("gpus", 1), torch.cuda.device_count()) if device != "cpu" and torch.cuda.is_available() else raw["model"].get("gpus", 1)
+    overrides = merge_overrides(STANDIN_SIZES, {"model": {"id": str(standin), "device": device, "gpus": max(1, gpus)}, "data": {"root": str(data_root)},
                                                 "judge": {"base_url": judge_url}})
     target.write_text(yaml.safe_dump(merge_overrides(merge_overrides(raw, overrides), extra or {})))
     return target

@@ -158,7 +158,8 @@ def test_plan_kv_cache_is_the_cache_a_generate_fills(fp16_standin, examples):
 
 
 def test_every_kaggle_t4_stage_plans_within_a_t4():
-    params = plan.with_batch_sizes(load_params("kaggle_t4"))
+    """The one-T4 preset (kaggle_t4_single; kaggle_t4 splits over two, tests/test_placement.py)."""
+    params = plan.with_batch_sizes(load_params("kaggle_t4_single"))
     shape = plan.shape_of(plan.real_config())
     assert shape.parameters() == pytest.approx(7.06e9, rel=0.01) and shape.image_tokens == 576
     assert plan.weight_bytes(shape) / plan.GIB == pytest.approx(13.16, abs=0.01)
@@ -191,7 +192,7 @@ def test_kaggle_run_folder_fits_kaggles_output_and_would_not_without_scratch():
     assert everything["run folder cumulative GiB"].iloc[-1] > 140  # what full copies in the run folder would need
 
 
-def test_the_forecast_is_on_the_index_before_the_first_stage_runs(tmp_path, monkeypatch):
+def test_the_forecast_is_on_the_index_before_the_first_stage_runs(tmp_path, monkeypatch, synthetic_root):
     import nbformat
 
     from medcomp import runner
@@ -206,8 +207,11 @@ def test_the_forecast_is_on_the_index_before_the_first_stage_runs(tmp_path, monk
         return runner.StageOutcome(notebook.stem, "ok", 0.0, None)
 
     monkeypatch.setattr(runner, "execute_stage", fake_execute)
-    runner.run_pipeline("kaggle_t4", run_dir=tmp_path / "run", notebooks_dir=notebooks)
-    assert "Forecast for a Kaggle T4" in seen["index"] and "13.16" in seen["index"]  # the fp16 7B's weights, GiB
+    params = tmp_path / "kaggle.yaml"  # the preset with its dataset attached (a run without one stops before any stage)
+    params.write_text(f"base: kaggle_t4\ndata:\n  root: {synthetic_root}\n")
+    runner.run_pipeline(params, run_dir=tmp_path / "run", notebooks_dir=notebooks)
+    assert "Forecast for 2 Kaggle T4s" in seen["index"] and "13.16" in seen["index"]  # the fp16 7B's weights, GiB
+    assert "15 / 17" in seen["index"]  # blocks per GPU of the fp16 model
     assert "run folder within 19.5 GiB" in seen["index"]
 
 
