@@ -10,6 +10,7 @@ each stage's peak CUDA memory beside the plan's.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,10 @@ STANDIN_SIZES: dict[str, Any] = {
     "benchmark": {"new_tokens": 3, "repeats": 1},
     "judge": {"concurrency": 4, "timeout_seconds": 30, "bootstrap_samples": 200},
 }
+
+
+# 05's cells when GPTQModel is absent (scripts/kaggle_install.sh without --awq): bitsandbytes and the QLoRA deployment
+BNB_ONLY = {"finetuned": ["bnb"], "pruned": [], "recovered": ["bnb"], "pipeline_ablations": [], "recovered_magnitude": [], "quantize_then_recover": []}
 
 
 def rating_by_overlap(user_message: str) -> int:
@@ -89,6 +94,9 @@ def write_standin_params(target: Path, standin: Path, data_root: Path, judge_url
     gpus = min(raw["model"].get("gpus", 1), torch.cuda.device_count()) if device != "cpu" and torch.cuda.is_available() else raw["model"].get("gpus", 1)
     overrides = merge_overrides(STANDIN_SIZES, {"model": {"id": str(standin), "device": device, "gpus": max(1, gpus)}, "data": {"root": str(data_root)},
                                                 "judge": {"base_url": judge_url}})
+    if importlib.util.find_spec("gptqmodel") is None:  # kaggle_install.sh without --awq: 05 runs what that install allows
+        print("[rehearsal] GPTQModel is not installed: 05 quantizes with bitsandbytes only (no AWQ, no round-to-nearest)")
+        overrides = merge_overrides(overrides, {"quantization": BNB_ONLY})
     target.write_text(yaml.safe_dump(merge_overrides(merge_overrides(raw, overrides), extra or {})))
     return target
 
