@@ -31,14 +31,19 @@ from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_
 RECORD = "quantization.json"
 
 
+def search_dtype(device) -> torch.dtype:
+    """The dtype of GPTQModel's AWQ search and packing: float16 on every device. GPTQModel packs into float16 or
+    bfloat16 only, and a T4 (compute capability 7.5) has no bfloat16 arithmetic; fp16 serves every GPU the same."""
+    return torch.float16
+
+
 def _gptqmodel_quantize(source: str, target: Path, config, conversations) -> float:
     """Run GPTQModel in this process (``quantize`` runs it in a child process; see there)."""
     import_gptqmodel_quietly()
     from gptqmodel import GPTQModel
 
     started = time.perf_counter()
-    # GPTQModel packs into float16/bfloat16 only; the search runs in that dtype too.
-    model = GPTQModel.load(source, config, dtype=torch.float16)
+    model = GPTQModel.load(source, config, dtype=search_dtype(config.device))
     model.quantize(with_images_loaded(conversations), batch_size=1)
     seconds = time.perf_counter() - started
     with atomic_directory(target) as staging:

@@ -113,8 +113,11 @@ def peaks_beside_plan(run_dir: Path, params) -> "pd.DataFrame":  # noqa: F821
     rows = []
     for stage_plan in plan.stage_plans(params, shape):
         measured = run.summary(stage_plan.stage)
+        per_gpu = [measured[key] for key in sorted(measured) if key.startswith("peak GPU ") and key != "peak GPU memory (GiB)"]
         rows.append({"stage": stage_plan.stage, "step": stage_plan.step, "planned peak (GiB)": round(stage_plan.peak_bytes / plan.GIB, 3),
+                     "planned per GPU (GiB)": " / ".join(f"{peak / plan.GIB:.3f}" for peak in stage_plan.gpu_peaks),
                      "measured peak GPU memory (GiB)": measured.get("peak GPU memory (GiB)", "—"),
+                     "measured per GPU (GiB)": " / ".join(map(str, per_gpu)) or "—",
                      "measured peak RAM (GiB)": measured.get("peak RAM (GiB)", "—")})
     return pd.DataFrame(rows).set_index(["stage", "step"])
 

@@ -116,3 +116,22 @@ def test_the_rehearsal_says_driver_build_capabilities_and_kernel_first(monkeypat
     assert lines[1] == "[rehearsal] NVIDIA driver 550.90.07"
     assert lines[2:4] == [f"[rehearsal] cuda:{i} Tesla T4, 15.0 GiB, compute capability 7.5" for i in (0, 1)]
     assert lines[4].startswith("[rehearsal] AWQ/RTN kernel on cuda (compute capability 7.5): exllama_v2")
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_the_awq_search_runs_on_the_gpu_asked_in_fp16_whatever_its_capability(monkeypatch, capability):
+    """GPTQModel's AWQ search is configured for the GPU 05 runs on and searches in fp16, the dtype a T4 has
+    (no bf16 arithmetic at 7.5); RTN the same."""
+    from pathlib import Path
+
+    import torch
+
+    from medcomp import quantizers
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    seen = []
+    monkeypatch.setattr(quantizers, "_gptqmodel_quantize",
+                        lambda source, target, config, conversations: seen.append((str(config.device), quantizers.search_dtype(config.device))) or 1.0)
+    quantizers.quantize_awq("source", Path("target"), [{"image": "x"}], device="cuda:0")
+    quantizers.quantize_rtn("source", Path("target"), [{"image": "x"}], device="cuda:0")
+    assert [dtype for _, dtype in seen] == [torch.float16, torch.float16] and all("cuda" in device for device, _ in seen), seen
