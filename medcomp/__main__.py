@@ -44,8 +44,19 @@ def main(argv: list[str] | None = None) -> int:
                           help="QEMU CPU models to compare with this machine (e.g. EPYC-Rome Haswell); needs qemu-user")
     numerics.add_argument("--modes", nargs="+", choices=list(MODE_PINS), help="default: pinned portable default")
 
+    docs = commands.add_parser("docs", help="render docs/results.md, docs/params.md and the README's headline from results/ and the schema")
+    docs.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed page differs from its rendering")
+
     args = parser.parse_args(argv)
     from medcomp.params import ParamsError, load_params
+
+    if args.command == "docs":
+        from medcomp.results import write_docs
+
+        stale = write_docs(check=args.check)
+        for path in stale:
+            print(f"{'stale' if args.check else 'rendered'}: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+        return 1 if args.check and stale else 0
 
     if args.command == "rehearse":
         from medcomp.rehearsal import rehearse as run_rehearsal

@@ -25,6 +25,7 @@ from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.data import DatasetError, check_layout
 from medcomp.params import REPO_ROOT, Params, ParamsError, load_params, resolve_params_path
 from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint, published_reference
+from medcomp.results import write_run_results
 from medcomp.runs import REPORTS_DIR, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -249,6 +250,7 @@ def run_pipeline(
         manifest = json.loads(manifest_path.read_text())
         atomic_write_json(manifest_path, {**manifest, "artefacts": artefact_hashes(run_dir)})  # what each stage computed, as bits
         write_index(run_dir, params, outcomes)
+        write_run_results(run_dir)  # results.json: the machine-readable record (medcomp.results)
         return outcomes
 
 

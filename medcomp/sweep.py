@@ -22,12 +22,12 @@ from typing import Any, Sequence
 import pandas as pd
 import yaml
 
+from medcomp import results
 from medcomp.files import atomic_write_text
 from medcomp.params import ParamsError, load_params, merge_overrides, resolve_params_path
 from medcomp.runner import run_pipeline
 from medcomp.runs import REPORTS_DIR, Run
 
-VERDICTS = ("holds", "does not hold", "within noise")
 
 
 def parse_setting(text: str) -> tuple[str, list[Any]]:
@@ -100,6 +100,7 @@ def run_sweep(params_file: str | Path, settings: Sequence[str], only: Sequence[s
         if any(o.status == "failed" for o in outcomes):
             failed.append(name)
     write_sweep_index(sweep_dir, {name: point for name, (point, _) in files.items()})
+    results.write_sweep_results(sweep_dir, {name: point for name, (point, _) in files.items()})
     if failed:
         raise RuntimeError(f"sweep points failed: {failed}; see {sweep_dir / 'index.html'}")
     return sweep_dir
@@ -111,36 +112,17 @@ def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
 
 
 def score_spread(scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per variant, its score at every point, their mean and standard deviation and range."""
-    frame = pd.DataFrame({point: table["score"] for point, table in scores.items()})
-    frame["mean"] = frame.mean(axis=1)
-    frame["sd"] = frame.drop(columns="mean").std(axis=1, ddof=1) if len(scores) > 1 else 0.0
-    frame["range"] = frame.drop(columns=["mean", "sd"]).max(axis=1) - frame.drop(columns=["mean", "sd"]).min(axis=1)
-    return frame.round(2)
-
-
-def _interval(text: str) -> tuple[float, float, float]:
-    """"+3.1 [-1.0, +7.2]" -> (3.1, -1.0, 7.2)."""
-    numbers = [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?", text)]
-    return numbers[0], numbers[1], numbers[2]
+    """Per variant, its score at every point, their mean, standard deviation and range (``results.score_spread``)."""
+    spread = results.score_spread({point: table["score"].to_dict() for point, table in scores.items()})
+    return pd.DataFrame({variant: {**s["points"], "mean": s["mean"], "sd": s["sd"], "range": s["range"]} for variant, s in spread.items()}).T
 
 
 def verdicts_over_points(verdicts: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per claim: on how many points it holds / does not hold / is within noise; the union of the
-    points' intervals; and the verdict over all points: *holds* (or *does not hold*) only where every
-    point agrees, *within noise* where every point is, else *mixed*."""
-    rows = []
-    claims = list(dict.fromkeys(claim for table in verdicts.values() for claim in table.index))
-    for claim in claims:
-        per_point = {point: table.loc[claim] for point, table in verdicts.items() if claim in table.index}
-        counts = {verdict: sum(r["verdict"] == verdict for r in per_point.values()) for verdict in VERDICTS}
-        intervals = [_interval(r["difference [95% CI]"]) for r in per_point.values()]
-        agreed = [verdict for verdict, count in counts.items() if count == len(per_point)]
-        rows.append({"claim": claim, "points": len(per_point), **{f"{v} on": counts[v] for v in VERDICTS},
-                     "mean difference": round(sum(d for d, _, _ in intervals) / len(intervals), 1),
-                     "interval over points": f"[{min(low for _, low, _ in intervals):+.1f}, {max(high for _, _, high in intervals):+.1f}]",
-                     "verdict over points": agreed[0] if agreed else "mixed"})
-    return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame()
+    """Per claim, the verdict over the points (``results.verdicts_over_points``): *holds* (or *does not hold*)
+    only where every point agrees, *within noise* where every point is, else *mixed*."""
+    over = results.verdicts_over_points({point: {claim: {"verdict": row["verdict"], "difference": row["difference [95% CI]"]}
+                                                 for claim, row in table.iterrows()} for point, table in verdicts.items()})
+    return pd.DataFrame.from_dict(over, orient="index").rename_axis("claim") if over else pd.DataFrame()
 
 
 def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Path:
