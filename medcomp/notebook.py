@@ -32,6 +32,8 @@ def quiet_libraries() -> None:
     import logging
 
     logging.getLogger("tokenicer").setLevel(logging.WARNING)  # GPTQModel's tokenizer wrapper logs every load
+    # peft's prepare_model_for_kbit_training calls the name transformers 5.23 deprecates: nothing for a reader to do
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
@@ -41,7 +43,6 @@ def quiet_libraries() -> None:
         datasets.utils.logging.disable_progress_bar()
     except ImportError:
         pass
-
 
 
 def start_stage(params_file: str | Path = "auto", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Params, Run]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import sys
 import time
 import uuid
@@ -109,8 +110,27 @@ def tidy_streams(notebook) -> Any:
             if output.get("output_type") == "stream":
                 output["text"] = _terminal_text(output["text"])
         if "outputs" in cell:
-            cell["outputs"] = merged
+            cell["outputs"] = [part for output in merged for part in _progress_apart(output)]
     return notebook
+
+
+# A tqdm bar as it ends: "training: 100%|██████████| 60/60 [02:31<00:00, 2.52s/step]"
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+
+
+def _progress_apart(output: Any) -> list[Any]:
+    """A stderr stream's progress bars as a stdout stream of their own: tqdm writes to stderr, which the
+    report's page styles as an error (a red box), and a finished bar is a result, not a warning. Other stderr
+    text (a warning) stays stderr."""
+    if output.get("output_type") != "stream" or output.get("name") != "stderr":
+        return [output]
+    lines = output["text"].splitlines(keepends=True)
+    bars = "".join(line for line in lines if _PROGRESS_BAR.search(line))
+    rest = "".join(line for line in lines if not _PROGRESS_BAR.search(line))
+    if not bars:
+        return [output]
+    parts = [{**output, "name": "stdout", "text": bars}]
+    return parts + ([{**output, "text": rest}] if rest.strip() else [])
 
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -121,7 +141,8 @@ def render_html(notebook: Path, target: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab", extra_template_paths=[str(TEMPLATES_DIR)], template_file="folded.html.j2")
+    exporter = HTMLExporter(template_name="lab", extra_template_paths=[str(TEMPLATES_DIR)], template_file="folded.html.j2",
+                            exclude_input_prompt=True, exclude_output_prompt=True)  # a report reads as narrative: no In[]/Out[] prompts
     body, _ = exporter.from_notebook_node(tidy_streams(nbformat.read(str(notebook), as_version=4)))
     atomic_write_text(target, body)
     return target

@@ -121,6 +121,15 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
         if written.is_file() and written.suffix in {".html", ".ipynb", ".json", ".jsonl", ".txt", ".log", ".md"}:
             assert SECRET not in written.read_text(errors="ignore"), f"the API key leaked into {written}"
 
+    from browser import check_in_browser  # the index and two reports as a reader's Chromium shows them
+
+    for page, figures in (("index.html", 0), ("01_finetune.html", 2), ("05_quantize.html", 1)):
+        seen = check_in_browser(run_dir / page, tmp_path / "browser" / page)
+        assert seen["errors"] == [], f"{page} shows error or stderr output: {seen['errors']}"
+        assert seen["images"] >= figures and seen["broken"] == 0 and seen["nan"] == 0, (page, seen)
+        if page != "index.html":
+            assert seen["folds"] > 0 and seen["closedHidden"] and seen["openShown"] and seen["closedAgain"], (page, seen)
+
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
     assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
 
