@@ -32,10 +32,38 @@ def loss_curves(histories: dict[str, Sequence[dict[str, Any]]], title: str = "QL
     return figure
 
 
+# Where a point's name may go, in points from the point: beside it first, then around it, then further out.
+_LABEL_OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3) for dx, dy in ((4, 3), (4, -9), (-4, 3), (-4, -9), (0, 8), (0, -14), (8, -3), (-8, -3))]
+
+
+def _label_points(figure, axes, names: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> None:
+    """Each point's name where it overlaps no name placed before it (tried at ``_LABEL_OFFSETS``). Points whose
+    name fits nowhere (a cluster: every 4-bit variant at one size) get a number, and a key beside the axes names
+    them, so no label is drawn over another."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    placed, unplaced = [], []
+    for name, x, y in zip(names, xs, ys):
+        for dx, dy in _LABEL_OFFSETS:
+            label = axes.annotate(name, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points", ha="left" if dx >= 0 else "right")
+            box = label.get_window_extent(renderer)
+            if axes.get_window_extent(renderer).contains(box.x0, box.y0) and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            label.remove()
+        else:
+            unplaced.append((name, x, y))
+    for number, (name, x, y) in enumerate(unplaced, start=1):
+        axes.annotate(str(number), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points", color="tab:red")
+    if unplaced:
+        axes.text(1.02, 1.0, "\n".join(f"{number}: {name}" for number, (name, _, _) in enumerate(unplaced, start=1)), transform=axes.transAxes,
+                  fontsize=7, va="top", ha="left", color="tab:red")
+
+
 def confusion_heatmap(matrix: pd.DataFrame, title: str = "Held-out disease naming"):
     figure, axes = plt.subplots(figsize=(7, 5))
     image = axes.imshow(matrix.values, cmap="Blues")
-    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=45, ha="right")
+    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=90)  # upright names never run into each other; slanted ones did
     axes.set_yticks(range(len(matrix.index)), matrix.index)
     for (row, column), value in pd.DataFrame(matrix.values).stack().items():
         axes.text(column, row, int(value), ha="center", va="center", color="black" if value < matrix.values.max() / 2 else "white")
@@ -73,7 +101,9 @@ def rankings_side_by_side(orders: dict[str, Sequence[int]], layers: Sequence[int
         position = {layer: rank for rank, layer in enumerate(order, start=1)}
         xs = [layer for layer in layers if layer in position]
         axes.plot(xs, [position[layer] for layer in xs], marker="o", markersize=3, label=name)
-    axes.invert_yaxis()
+    ranks = max((len(order) for order in orders.values()), default=1)
+    axes.set_ylim(ranks + 1.5, 0)  # rank 1 on top; the last rank kept off the corner where block 0's label sits
+    axes.set_yticks([1] + list(range(5, ranks + 1, 5)))
     axes.set_xlabel("decoder block (0-based)")
     axes.set_ylabel("rank")
     axes.set_title(title)
@@ -86,7 +116,7 @@ def rankings_side_by_side(orders: dict[str, Sequence[int]], layers: Sequence[int
 def correlation_heatmap(matrix: pd.DataFrame, title: str = "Spearman rank correlation between criteria"):
     figure, axes = plt.subplots(figsize=(5, 4))
     image = axes.imshow(matrix.values.astype(float), cmap="RdBu", vmin=-1, vmax=1)
-    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=30, ha="right")
+    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=90)
     axes.set_yticks(range(len(matrix.index)), matrix.index)
     for (row, column), value in pd.DataFrame(matrix.values.astype(float)).stack().items():
         axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
@@ -218,14 +248,13 @@ def memory_vs_latency(table: pd.DataFrame, memory: str = "model MB", latency: st
     figure, axes = plt.subplots(figsize=(8, 5))
     for bits, group in table.groupby("bits"):
         axes.scatter(group[memory], group[latency], s=30, label=f"{bits}-bit")
-        for name, row in group.iterrows():
-            axes.annotate(name, (row[memory], row[latency]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel(memory)
     axes.set_ylabel(f"{latency} (median)")
     axes.set_title(title)
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    _label_points(figure, axes, list(table.index), list(table[memory]), list(table[latency]))
     return figure
 
 
@@ -267,14 +296,13 @@ def score_vs_memory(points: pd.DataFrame, front: Sequence[str], memory: str = "m
     axes.errorbar(points[memory], points["score"], yerr=errors, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2, markersize=4)
     frontier = points.loc[list(front)].sort_values(memory)
     axes.plot(frontier[memory], frontier["score"], color="tab:red", marker="o", label="Pareto front")
-    for name, row in points.iterrows():
-        axes.annotate(name, (row[memory], row["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel(memory)
     axes.set_ylabel("score")
     axes.set_title(title)
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    _label_points(figure, axes, list(points.index), list(points[memory]), list(points["score"]))
     return figure
 
 
