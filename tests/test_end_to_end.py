@@ -109,6 +109,9 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert {"finetuned", "pruned-7", "recovered-7", "finetuned-bnb", "pruned-7-awq", "recovered-7-rtn"} <= set(scores.index)
     assert scores["score"].between(25, 100).all() and (scores["95% CI low"] <= scores["score"]).all() and (scores["score"] <= scores["95% CI high"]).all()
     assert (scores["valid"] + scores["invalid"] + scores["failed"] == 8 * 3).all()  # every test item of every variant
+    record = json.loads((run_dir / "results.json").read_text())  # the machine-readable record: the same numbers as the tables
+    assert record["scores"] == pytest.approx(scores["score"].to_dict()) and record["table 4"]["Original LLaVA"] == "finetuned"
+    assert record["git"] == json.loads((run_dir / "manifest.json").read_text())["git"] and "01_finetune" in record["stage seconds"]
     verdicts = pd.read_csv(tables / "verdicts.csv", index_col=0)
     assert len(verdicts) >= 2 and set(verdicts["verdict"]) <= {"holds", "does not hold", "within noise"}  # the minimal run has the cells for two claims
     table_1 = pd.read_csv(tables / "table_1.csv", index_col=0)
