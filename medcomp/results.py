@@ -42,13 +42,15 @@ def run_results(run_dir: Path | str) -> dict[str, Any]:
     run = Run(run_dir)
     stages = sorted(p.name for p in (run_dir / "stages").glob("0*")) if (run_dir / "stages").exists() else []
     summaries = {stage: run.summary(stage) for stage in stages}
+    statuses = {stage: json.loads(path.read_text()) for stage in stages if (path := run_dir / "stages" / stage / "status.json").exists()}
     scores, verdicts, table_4 = _table(run_dir, "scores"), _table(run_dir, "verdicts"), _table(run_dir, "table_4")
     return {"schema": SCHEMA, "kind": "run", "date": manifest.get("written_at"), "git": manifest.get("git"), "packages": manifest.get("packages"),
             "hardware": manifest.get("hardware"), "numerics": manifest.get("numerics"), "params_fingerprint": manifest.get("params_fingerprint"),
             "run_name": (manifest.get("params") or {}).get("run_name"), "world": (manifest.get("params") or {}).get("world"),
             "seed": (manifest.get("params") or {}).get("seed"),
-            "stage seconds": {stage: summary.get("seconds") for stage, summary in summaries.items() if "seconds" in summary},
-            "key figures": {stage: {k: v for k, v in summary.items() if k != "seconds"} for stage, summary in summaries.items()},
+            "stage status": {stage: status.get("status") for stage, status in statuses.items()},
+            "stage seconds": {stage: status.get("seconds") for stage, status in statuses.items()},
+            "key figures": summaries,
             "scores": {} if scores is None else {variant: float(row["score"]) for variant, row in scores.iterrows()},
             "table 4": {} if table_4 is None else {method: row["variant"] for method, row in table_4.iterrows()},
             "verdicts": {} if verdicts is None else {claim: {"verdict": row["verdict"], "difference": row["difference [95% CI]"]}
