@@ -286,9 +286,10 @@ def prepare_dataset(params: "Params") -> PreparedDataset:
     if data.root == "synthetic":
         from medcomp.synthetic import generate_dermnet_like
 
+        from medcomp.files import build_once
+
         root = synthetic_root(params)
-        if not (root / "test").is_dir():
-            generate_dermnet_like(root, **data.synthetic.model_dump())
+        build_once(root, lambda p: (p / "test").is_dir(), lambda: generate_dermnet_like(root, **data.synthetic.model_dump()))
     else:
         root = Path(data.root).expanduser()
     rules = [rule.model_dump() for rule in data.folder_rules] if data.folder_rules else DERMNET_FOLDER_RULES

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from medcomp.files import atomic_directory, content_hash
+from medcomp.files import atomic_directory, build_once, content_hash
 from medcomp.loading import packaged_file
 
 
@@ -69,18 +69,16 @@ def resolve_model_source(model_id: str, embedded_spec: dict[str, Any], cache_dir
     models_dir = Path(cache_dir) / "models"
     numerics_key = {} if numerics == "default" else {"numerics": numerics}
     assembled = models_dir / f"{name}-{content_hash({'name': model_id, **assembly, **numerics_key})}"
-    if not (assembled / "config.json").exists():
-        build_embedded_llava(assembled, **assembly)
+    build_once(assembled, lambda p: (p / "config.json").exists(), lambda: build_embedded_llava(assembled, **assembly))
     if not pretraining:
         return str(assembled)
     images = {k: pretraining[k] for k in ("images_per_disease", "image_size", "seed")}
     pretraining_root = Path(cache_dir) / "datasets" / f"pretraining-{content_hash(images)}"
-    if not (pretraining_root / "captions.jsonl").exists():
-        generate_captioned_images(pretraining_root, pretraining["images_per_disease"], pretraining["image_size"], pretraining["seed"])
+    build_once(pretraining_root, lambda p: (p / "captions.jsonl").exists(), lambda: generate_captioned_images(
+        pretraining_root, pretraining["images_per_disease"], pretraining["image_size"], pretraining["seed"]))
     pretrained = models_dir / f"{assembled.name}-pretrained-{content_hash([PRETRAINING_RECIPE_VERSION, pretraining, numerics_key])}"
-    if not (pretrained / "pretraining.json").exists():
-        build_pretrained_embedded_llava(assembled, pretrained, pretraining_root, list(dataset_images()), pretraining,
-                                        seed=pretraining.get("training_seed", pretraining["seed"]))
+    build_once(pretrained, lambda p: (p / "pretraining.json").exists(), lambda: build_pretrained_embedded_llava(
+        assembled, pretrained, pretraining_root, list(dataset_images()), pretraining, seed=pretraining.get("training_seed", pretraining["seed"])))
     return str(pretrained)
 
 

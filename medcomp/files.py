@@ -9,7 +9,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def content_hash(data: Any, length: int = 12) -> str:
@@ -93,3 +93,22 @@ def atomic_directory(target: Path, write_id: str | None = None) -> Iterator[Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def build_once(target: Path | str, is_built: Callable[[Path], bool], build: Callable[[], Any]) -> bool:
+    """Build a shared cache entry at most once, whoever asks: ``build()`` runs only if ``is_built(target)`` is
+    false, under a lock per entry (``filelock``, beside the entry), checked again once the lock is held. Two
+    sweep points that need the same bootstrap at the same moment: one builds, the other waits and reads what
+    the first wrote (``build`` writes through ``atomic_directory``, so nobody reads half an entry). Returns
+    whether this call built it."""
+    from filelock import FileLock
+
+    target = Path(target)
+    if is_built(target):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if is_built(target):
+            return False
+        build()
+        return True
