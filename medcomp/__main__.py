@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks at each point")
     sweep.add_argument("--force", action="store_true", help="redo finished stages")
     sweep.add_argument("--sweep-dir", help="write here instead of reports/<run_name>-sweep/")
+    sweep.add_argument("--executor", choices=["inline", "local", "slurm"], help="where the points run (default: the params' sweep.executor, inline)")
+    for option, kind, what in (("max-parallel", int, "points at once (local)"), ("partition", str, "Slurm partition"),
+                               ("time-minutes", int, "time limit of one point"), ("gpus-per-point", int, "GPUs of one point"),
+                               ("cpus-per-point", int, "CPUs of one point's job"), ("mem-gb", int, "memory of one point's job, GB")):
+        sweep.add_argument(f"--{option}", type=kind, help=f"{what} (default: the params' sweep block)")
 
     rehearse = commands.add_parser("rehearse", help="run kaggle_t4.yaml end to end on the 32-layer fp16 LLaVA-1.5 stand-in")
     rehearse.add_argument("--work", default="rehearsal", help="folder for the stand-in, its data and the run (default: ./rehearsal)")
@@ -109,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data ready in {time.perf_counter() - started:.0f} s")
             return 0
         if args.command == "sweep":
+            from medcomp.executors import SweepSettingsError
             from medcomp.sweep import run_sweep
 
+            where = {key: getattr(args, key) for key in ("executor", "max_parallel", "partition", "time_minutes", "gpus_per_point",
+                                                          "cpus_per_point", "mem_gb")}
             try:
-                folder = run_sweep(args.params, args.settings, args.only, args.force, Path(args.sweep_dir) if args.sweep_dir else None)
+                folder = run_sweep(args.params, args.settings, args.only, args.force, Path(args.sweep_dir) if args.sweep_dir else None, where)
+            except SweepSettingsError as error:  # before anything was submitted
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             except RuntimeError as failure:  # a point failed; the others ran and the index shows them
                 print(f"error: {failure}", file=sys.stderr)
                 return 1

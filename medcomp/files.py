@@ -97,7 +97,8 @@ def atomic_directory(target: Path, write_id: str | None = None) -> Iterator[Path
 
 def build_once(target: Path | str, is_built: Callable[[Path], bool], build: Callable[[], Any]) -> bool:
     """Build a shared cache entry at most once, whoever asks: ``build()`` runs only if ``is_built(target)`` is
-    false, under a lock per entry (``filelock``, beside the entry), checked again once the lock is held. Two
+    false, under a lock per entry (``filelock``, in ``.locks`` beside the entry's folder: in the shared cache, so it holds
+    across a cluster's nodes, and out of the folders that list entries), checked again once the lock is held. Two
     sweep points that need the same bootstrap at the same moment: one builds, the other waits and reads what
     the first wrote (``build`` writes through ``atomic_directory``, so nobody reads half an entry). Returns
     whether this call built it."""
@@ -106,8 +107,9 @@ def build_once(target: Path | str, is_built: Callable[[Path], bool], build: Call
     target = Path(target)
     if is_built(target):
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
+    locks = target.parent.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{target.parent.name}-{target.name}.lock")):
         if is_built(target):
             return False
         build()

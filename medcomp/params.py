@@ -1,8 +1,5 @@
-"""One schema for every params file: unknown keys and bad values fail before any work starts.
-
-A params file chooses the world (model, data, judge); the code path is the same for all of them.
-``load_params`` accepts a path, or a preset name that resolves to ``params/<name>.yaml``.
-"""
+"""One schema for every params file: unknown keys and bad values fail before any work starts. A params file chooses
+the world (model, data, judge), never the code path; ``load_params`` takes a path or a preset name (``params/<name>.yaml``)."""
 
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ class EmbeddedPretrainingParams(Strict):
 
     Images come from the dataset generator with their own seed and carry visual captions only.
     """
-
     images_per_disease: int = Field(400, ge=2, le=10000)
     image_size: int = Field(96, ge=16, le=1024)
     seed: int = Field(1000, description="must differ from data.synthetic.seed")
@@ -50,7 +46,6 @@ class EmbeddedPretrainingParams(Strict):
 
 class EmbeddedModelParams(Strict):
     """How the offline LLaVA is assembled when ``model.id`` starts with ``embedded:``."""
-
     image_size: int = Field(64, ge=16, le=448)
     patch_size: int = Field(16, ge=2, le=32)
     vision_layers: int = Field(4, ge=2, le=24)
@@ -140,7 +135,6 @@ PAPER_PRUNING_LEVELS = (0.0, 2 / 32, 4 / 32, 7 / 32, 8 / 32, 9 / 32, 10 / 32)  #
 
 class ImportanceParams(Strict):
     """02_layer_importance: the paper's prune-one-block criterion and its baselines (section 3.2)."""
-
     calibration_size: int = Field(16, ge=1, le=10000, description="training conversations sampled (seeded)")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length of the sweep's generations")
     batch_size: BatchSize = Field(16, description="generation batch; 'auto': the largest the T4 plan fits (medcomp.plan)")
@@ -151,7 +145,6 @@ class ImportanceParams(Strict):
 
 class PruningParams(Strict):
     """03_prune: which ranking removes layers, and how many, as fractions of the depth."""
-
     ranking: Literal["similarity", "magnitude", "block_influence", "perplexity", "authors"] = "similarity"
     levels: tuple[float, ...] = Field(PAPER_PRUNING_LEVELS, min_length=1, description="fractions of the decoder layers to remove")
     magnitude_level: float = Field(7 / 32, ge=0, lt=1, description="the level also pruned by the magnitude ranking (Table 5)")
@@ -175,7 +168,6 @@ class RecoveryParams(Strict):
     "5.2B" models, 7 and 9 of 32 blocks removed (Table 2). The magnitude-pruned model of 03 goes
     through the same recovery (Table 5's baseline) when ``magnitude`` is true.
     """
-
     levels: tuple[float, ...] = Field((7 / 32, 9 / 32), min_length=1, description="pruning levels to recover, fractions of the depth")
     magnitude: bool = True
     finetune: FinetuneParams = FinetuneParams(lora=LoraParams(r=16, alpha=8))
@@ -198,7 +190,6 @@ class QuantizationParams(Strict):
     (the first recovered level, the paper's pipeline model, only), ``recovered_magnitude`` (04's
     magnitude baseline, Table 5). The defaults cover every cell of the paper's Tables 3, 4 and 5.
     """
-
     group_size: int = Field(64, description="paper: 64 for every method")
     calibration_size: int = Field(8, ge=1, le=4096, description="AWQ calibration conversations from the training set (seeded), images included")
     finetuned: tuple[QuantizationMethod, ...] = ("awq", "bnb")
@@ -224,7 +215,6 @@ class BenchmarkParams(Strict):
     tokens (end-of-turn suppressed), after ``warmup`` untimed runs, the median of ``repeats`` timed runs;
     prefill (the prompt with its image, to the first token) is reported apart from decode.
     """
-
     new_tokens: int = Field(16, ge=2, le=1024, description="tokens forced per timed run")
     warmup: int = Field(1, ge=1, le=20, description="untimed runs first; the first one is the memory measurement")
     repeats: int = Field(3, ge=1, le=50, description="timed runs per variant; the median is reported")
@@ -237,7 +227,6 @@ class BenchmarkParams(Strict):
 
 class ProxyJudgeParams(Strict):
     """The offline judge's similarity thresholds (all-MiniLM-L6-v2 cosine between answer and reference)."""
-
     sentence_model: str = Field("packaged", min_length=1)
     excellent: float = Field(0.75, gt=0, le=1)
     helpful: float = Field(0.55, gt=0, le=1)
@@ -255,7 +244,6 @@ class JudgeParams(Strict):
 
     The API key is never a param: ``api_key_env`` names the environment variable holding it.
     """
-
     backend: Literal["openai", "transformers", "proxy"] = "openai"
     model: str = Field("Qwen/Qwen2.5-32B-Instruct", min_length=1, description="served model name (openai) or hub id/path (transformers)")
     base_url: str = Field("http://localhost:8000/v1", pattern=r"^https?://", description="OpenAI-compatible endpoint (e.g. `vllm serve`)")
@@ -306,6 +294,17 @@ class RuntimeParams(Strict):
         return Path(os.environ.get("MEDCOMP_CACHE", Path.home() / ".cache" / "medcomp"))
 
 
+class SweepParams(Strict):
+    """``medcomp sweep``: where its points run (``medcomp.executors``); each key can be given on the command line."""
+    executor: Literal["inline", "local", "slurm"] = Field("inline", description="inline: here, one after another; local: here, in parallel; slurm: a job each")
+    max_parallel: int = Field(2, ge=1, le=1024, description="points at once (local); one GPU each where there are GPUs")
+    partition: str | None = Field(None, description="Slurm partition; None = the cluster's default")
+    time_minutes: int = Field(120, ge=1, le=100000, description="Slurm time limit of one point")
+    gpus_per_point: int = Field(0, ge=0, le=16, description="GPUs of one point's job")
+    cpus_per_point: int = Field(2, ge=1, le=256, description="CPUs of one point's job")
+    mem_gb: int = Field(16, ge=1, le=4096, description="memory of one point's job, GB")
+
+
 class Params(Strict):
     run_name: str = Field(..., pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description="a plain folder name under reports/")
     world: Literal["embedded", "real"] = Field(..., description="labels every report: embedded results are a small model's")
@@ -321,6 +320,7 @@ class Params(Strict):
     benchmark: BenchmarkParams = BenchmarkParams()
     judge: JudgeParams = JudgeParams()
     runtime: RuntimeParams = RuntimeParams()
+    sweep: SweepParams = SweepParams()
 
     @model_validator(mode="after")
     def _pretraining_images_are_not_the_datasets(self) -> "Params":

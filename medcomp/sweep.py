@@ -14,6 +14,7 @@ noise and the seed-to-seed spread both.
 from __future__ import annotations
 
 import html
+import json
 import itertools
 import re
 from pathlib import Path
@@ -24,8 +25,8 @@ import yaml
 
 from medcomp import results
 from medcomp.files import atomic_write_text
-from medcomp.params import ParamsError, load_params, merge_overrides, resolve_params_path
-from medcomp.runner import run_pipeline
+from medcomp.params import ParamsError, SweepParams, load_params, merge_overrides, resolve_params_path
+from medcomp.executors import check_settings, run_points, write_outcomes
 from medcomp.runs import REPORTS_DIR, Run
 
 
@@ -75,11 +76,19 @@ def point_name(point: dict[str, Any]) -> str:
 
 
 def run_sweep(params_file: str | Path, settings: Sequence[str], only: Sequence[str] | None = None, force: bool = False,
-              sweep_dir: Path | None = None) -> Path:
-    """Run every point (each validated before any runs), then write the sweep's index; returns its folder."""
+              sweep_dir: Path | None = None, where: dict[str, Any] | None = None) -> Path:
+    """Run every point (each validated, and the executor's settings checked, before any runs) where ``sweep:`` and
+    ``where`` (the command line's executor options) say, then write the sweep's index; returns its folder."""
     base_path = resolve_params_path(params_file)
     base = yaml.safe_load(base_path.read_text())
+    if "base" in base:  # a preset that changes another's keys: the points get the whole file
+        base = merge_overrides(yaml.safe_load(resolve_params_path(base.pop("base")).read_text()), base)
     base_params = load_params(base_path)
+    try:
+        executor_settings = SweepParams(**{**base_params.sweep.model_dump(), **{k: v for k, v in (where or {}).items() if v is not None}})
+    except ValueError as error:
+        raise ParamsError(f"sweep settings: {error}") from None
+    check_settings(executor_settings, _point_minutes(base_params))
     sweep_dir = Path(sweep_dir or REPORTS_DIR / f"{base_params.run_name}-sweep").resolve()
     points = grid(settings)
     files = {}
@@ -93,17 +102,39 @@ def run_sweep(params_file: str | Path, settings: Sequence[str], only: Sequence[s
         atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
         load_params(path)
         files[name] = (point, path)
-    failed = []
-    for name, (point, path) in files.items():
-        print(f"[medcomp] sweep point {name} ({', '.join(f'{k}={v}' for k, v in point.items())})")
-        outcomes = run_pipeline(path, force=force, only=only, run_dir=sweep_dir / name)
-        if any(o.status == "failed" for o in outcomes):
-            failed.append(name)
+    outcomes = run_points({name: (path, sweep_dir / name) for name, (_, path) in files.items()}, executor_settings, sweep_dir / "jobs", only, force)
+    write_outcomes(sweep_dir, outcomes)
+    failed = [name for name, outcome in outcomes.items() if outcome.status not in ("ok", "skipped")]
     write_sweep_index(sweep_dir, {name: point for name, (point, _) in files.items()})
     results.write_sweep_results(sweep_dir, {name: point for name, (point, _) in files.items()})
     if failed:
         raise RuntimeError(f"sweep points failed: {failed}; see {sweep_dir / 'index.html'}")
     return sweep_dir
+
+
+def _point_minutes(params) -> float | None:
+    """The plan's estimate for one point (T4 hours, when the model's shape is known before the run), in minutes."""
+    from medcomp import plan
+
+    shape = plan.shape_for_params(params)
+    return None if shape is None else sum(p.seconds for p in plan.stage_plans(plan.with_batch_sizes(params), shape)) / 60
+
+
+def where_points_ran(sweep_dir: Path) -> pd.DataFrame:
+    """Each point's executor, host, job id, GPUs, wall time, status and reason (``points.json``), and the CPU its
+    numerics fingerprint names; points on other CPUs than the first are flagged, as their bits may differ."""
+    path = sweep_dir / "points.json"
+    if not path.exists():
+        return pd.DataFrame()
+    frame = pd.DataFrame.from_dict(json.loads(path.read_text()), orient="index").drop(columns=["name"], errors="ignore")
+    cpus = {}
+    for name in frame.index:
+        manifest = sweep_dir / name / "manifest.json"
+        cpus[name] = (json.loads(manifest.read_text()).get("numerics") or {}).get("cpu") if manifest.exists() else None
+    frame["cpu (numerics)"] = pd.Series(cpus)
+    known = [cpu for cpu in frame["cpu (numerics)"] if cpu]
+    frame["other CPU than the first"] = [bool(cpu and known and cpu != known[0]) for cpu in frame["cpu (numerics)"]]
+    return frame
 
 
 def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
@@ -138,6 +169,10 @@ def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Pat
     parts = [f"<h1>medcomp sweep <code>{html.escape(sweep_dir.name)}</code></h1>",
              "<p>Points: " + ", ".join(f'<a href="{html.escape(n)}/index.html">{html.escape(n)}</a> ({html.escape(str(p))})' for n, p in points.items()) + "</p>",
              "<h2>Key figures, point by point</h2>", key_figures.to_html(escape=True)]
+    where = where_points_ran(sweep_dir)
+    if not where.empty:
+        parts += ["<h2>Where each point ran</h2><p>A point on another CPU than the first may compute other bits "
+                  "(docs/reproducibility.md).</p>", where.to_html(escape=True)]
     if scores:
         parts += ["<h2>Scores over the points (mean, standard deviation, range)</h2>", score_spread(scores).to_html(escape=True)]
     if verdicts:
