@@ -269,6 +269,22 @@ def benchmark_variants(variants: Sequence[Any], processor, example: VQAExample, 
     probe = MemoryProbe(device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    with node_timing_lock():
+        return _benchmark(variants, processor, example, settings, device, probe, load, progress, previous_threads)
+
+
+def node_timing_lock(path: str | None = None):
+    """One timing at a time per machine: sweep points running at once on a node (``--executor local``, or Slurm
+    jobs sharing one) wait here for each other's 06, so no speed number is measured beside another's load. The
+    lock lives in the node's own temp folder, not the shared cache: it is the node that must be quiet."""
+    import tempfile
+
+    from filelock import FileLock
+
+    return FileLock(path or f"{tempfile.gettempdir()}/medcomp-timing.lock")
+
+
+def _benchmark(variants, processor, example, settings, device, probe, load, progress, previous_threads) -> list[Measurement]:
     try:
         measurements: list[Measurement] = []
         if settings.resident == "all":

@@ -96,8 +96,15 @@ def run_point(params_path: str, run_dir: str, only: Sequence[str] | None = None,
 
 
 def _quiet_submitit() -> None:
-    # without Slurm accounting every poll logs "Call to sacct failed"; squeue/scontrol answer instead (_slurm_state)
+    """Without Slurm accounting (a single node with no slurmdbd) every poll of submitit's watcher runs ``sacct``, which
+    prints "accounting storage is disabled" and fails; ``scontrol`` answers instead (``_slurm_state``). So the watcher
+    is told to ask nothing there, and its warnings are silenced; with accounting it works as submitted."""
     logging.getLogger("submitit").setLevel(logging.ERROR)
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout if shutil.which("scontrol") else ""
+    if "accounting_storage/none" in config:
+        from submitit.slurm.slurm import SlurmJob
+
+        SlurmJob.watcher._make_command = lambda: None  # the shared watcher of every Slurm job of this process
 
 
 def _slurm_state(job_id: str) -> tuple[str, str | None]:
@@ -159,24 +166,29 @@ def run_points(points: dict[str, tuple[Path, Path]], settings: SweepParams, fold
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         executor.update_parameters(timeout_min=settings.time_minutes, gpus_per_node=settings.gpus_per_point, cpus_per_task=settings.cpus_per_point,
                                    mem_gb=settings.mem_gb, name="medcomp-sweep", **({"slurm_partition": settings.partition} if settings.partition else {}))
+    from tqdm import tqdm
+
     limit = settings.max_parallel if settings.executor == "local" else len(todo)
     waiting, running = list(todo.items()), {}
+    bar = tqdm(total=len(todo), desc=f"sweep ({settings.executor})", unit="point")
     try:
         while waiting or running:
             while waiting and len(running) < limit:
                 name, (params_path, run_dir) = waiting.pop(0)
                 running[name] = executor.submit(run_point, str(params_path), str(run_dir), list(only) if only else None, force)
-                progress(f"[medcomp] sweep point {name}: submitted ({settings.executor}, job {running[name].job_id})")
+                bar.write(f"[medcomp] sweep point {name}: submitted ({settings.executor}, job {running[name].job_id})")
             for name, job in list(running.items()):
                 if _ended(job, settings.executor):
                     outcomes[name] = _outcome(name, job, settings.executor)
                     del running[name]
-                    progress(f"[medcomp] sweep point {name}: {outcomes[name].status}" + (f" ({outcomes[name].reason})" if outcomes[name].reason else ""))
-            counts = {s: sum(o.status == s for o in outcomes.values()) for s in ("ok", "failed", "cancelled", "timeout", "skipped")}
-            progress(f"[medcomp] sweep: {counts['ok'] + counts['skipped']} done, {len(running)} running, {len(waiting)} queued, "
-                     f"{counts['failed'] + counts['cancelled'] + counts['timeout']} failed") if running else None
+                    bar.update(1)
+                    bar.write(f"[medcomp] sweep point {name}: {outcomes[name].status}" + (f" ({outcomes[name].reason})" if outcomes[name].reason else ""))
+            failed = sum(o.status in ("failed", "cancelled", "timeout") for o in outcomes.values())
+            bar.set_postfix_str(f"{len(running)} running, {len(waiting)} queued, {failed} failed", refresh=True)
             time.sleep(2 if running else 0)
+        bar.close()
     except KeyboardInterrupt:
+        bar.close()
         for name, job in running.items():
             job.cancel(check=False)
             outcomes[name] = PointOutcome(name, settings.executor, "cancelled", job_id=str(job.job_id), reason="Ctrl-C in the submitting process")

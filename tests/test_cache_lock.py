@@ -50,3 +50,22 @@ def test_an_entry_already_built_is_not_built_again_and_a_failed_build_leaves_not
     assert not target.exists()  # the staging folder was dropped: nobody reads half an entry
     assert build_once(target, lambda p: p.exists(), lambda: (calls.append(1), target.mkdir())) is True
     assert build_once(target, lambda p: p.exists(), lambda: calls.append(2)) is False and calls == [1]
+
+
+def _timed(lock_path: str, barrier) -> tuple[float, float]:
+    from medcomp.benchmark import node_timing_lock
+
+    barrier.wait()
+    with node_timing_lock(lock_path):
+        started = time.monotonic()
+        time.sleep(0.5)
+        return started, time.monotonic()
+
+
+def test_two_points_on_one_machine_never_time_at_once(tmp_path):
+    """06's measurements take the node's timing lock: two sweep points that reach 06 together time one after the other."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Manager().Barrier(2)
+    with context.Pool(2) as pool:
+        (a_start, a_end), (b_start, b_end) = sorted(pool.starmap(_timed, [(str(tmp_path / "timing.lock"), barrier)] * 2))
+    assert b_start >= a_end  # the second began after the first ended
