@@ -77,10 +77,13 @@ def check_settings(settings: SweepParams, point_minutes: float | None = None) ->
         raise SweepSettingsError(f"sweep.time_minutes is {settings.time_minutes} but the plan estimates {point_minutes:.0f} minutes for one point")
 
 
-def finished(run_dir: Path) -> bool:
-    """Whether every stage of a point's run is ok (a later run would reuse them all)."""
-    return all(Run(run_dir).stage_dir(stage).joinpath("status.json").exists() and
-               json.loads(Run(run_dir).stage_dir(stage).joinpath("status.json").read_text()).get("status") == "ok" for stage in STAGES)
+def finished(run_dir: Path, stages: Sequence[str] | None = None) -> bool:
+    """Whether every stage asked of a point (all, or ``--only``'s) is ok: a rerun of the sweep skips the point."""
+    def ok(stage: str) -> bool:
+        path = Run(run_dir).stage_dir(stage) / "status.json"
+        return path.exists() and json.loads(path.read_text()).get("status") == "ok"
+
+    return all(ok(stage) for stage in (stages or STAGES))
 
 
 def run_point(params_path: str, run_dir: str, only: Sequence[str] | None = None, force: bool = False) -> dict[str, Any]:
@@ -143,8 +146,8 @@ def run_points(points: dict[str, tuple[Path, Path]], settings: SweepParams, fold
     outcomes: dict[str, PointOutcome] = {}
     todo = {}
     for name, (params_path, run_dir) in points.items():
-        if not force and not only and finished(run_dir):
-            outcomes[name] = PointOutcome(name, settings.executor, "skipped", reason="every stage finished before")
+        if not force and finished(run_dir, only):
+            outcomes[name] = PointOutcome(name, settings.executor, "skipped", reason="every stage asked finished before (--force redoes it)")
         else:
             todo[name] = (params_path, run_dir)
     if settings.executor == "inline":
