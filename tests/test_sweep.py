@@ -73,3 +73,18 @@ def test_a_seed_sweep_runs_one_folder_per_point_shares_the_data_and_reseeds_the_
     assert datasets == ["dermnet-synthetic", "pretraining"], "the data and the pretraining images are built once and shared"
     index = (tmp_path / "sweep" / "index.html").read_text()
     assert "seed0" in index and "seed1" in index and "01_finetune · naming accuracy" in index
+
+
+def test_the_index_says_where_each_point_ran_and_flags_a_point_on_another_cpu(tmp_path):
+    from medcomp.sweep import where_points_ran
+
+    points = {}
+    for name, cpu, job in (("seed0", "Intel Xeon", "11"), ("seed1", "AMD EPYC", "12")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"numerics": {"cpu": cpu}}))
+        points[name] = {"name": name, "executor": "slurm", "status": "ok", "host": f"node-{job}", "job_id": job, "gpus": "0", "seconds": 61.0,
+                        "reason": None}
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    table = where_points_ran(tmp_path)
+    assert table.loc["seed1", "job_id"] == "12" and table.loc["seed1", "host"] == "node-12"
+    assert list(table["other CPU than the first"]) == [False, True]
