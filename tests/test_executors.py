@@ -164,7 +164,7 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_submitted(slurm, minimal):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(jobs_dir.glob("*_submitted.pkl")) if jobs_dir.exists() else []) < 2:
         time.sleep(1)
-    jobs = sorted(p.name.split("_")[0] for p in jobs_dir.glob("*_submitted.pkl"))
+    jobs = sorted((p.name.split("_")[0] for p in jobs_dir.glob("*_submitted.pkl")), key=int)
     assert len(jobs) == 2
     time.sleep(3)
     running.send_signal(signal.SIGINT)
