@@ -124,6 +124,8 @@ def _progress_apart(output: Any) -> list[Any]:
     text (a warning) stays stderr."""
     if output.get("output_type") != "stream" or output.get("name") != "stderr":
         return [output]
+    if not output["text"].strip():  # the newline a finished bar leaves: nothing to show, and an empty red box if shown
+        return []
     lines = output["text"].splitlines(keepends=True)
     bars = "".join(line for line in lines if _PROGRESS_BAR.search(line))
     rest = "".join(line for line in lines if not _PROGRESS_BAR.search(line))

@@ -3,7 +3,7 @@ check script appended, and ``--dump-dom`` returns what the script found.
 
 The script, run after the page's load event: error and stderr outputs (their text), images and how many failed
 to decode, the folded code cells and whether they hide their code closed, show it open and hide it again, and
-the visible text's "NaN"s. ``CI`` in the environment (``.ci/run`` sets it) makes a missing Chromium an error,
+table cells that show "NaN" (a paper column with no value must say so otherwise). ``CI`` in the environment (``.ci/run`` sets it) makes a missing Chromium an error,
 not a skip.
 """
 
@@ -33,7 +33,8 @@ window.addEventListener('load', () => {
   const closedAgain = folds.every(d => !code(d) || !visible(code(d)));
   const result = {errors: outputs.map(o => o.innerText.trim().slice(0, 300)), images: images.length,
                   broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).length, folds: folds.length,
-                  closedHidden, openShown, closedAgain, nan: (document.body.innerText.match(/\\bNaN\\b/g) || []).length};
+                  closedHidden, openShown, closedAgain,
+                  nan: [...document.querySelectorAll('td')].filter(cell => /\\bNaN\\b/.test(cell.innerText)).length};  // a table cell, not prose
   const pre = document.createElement('pre'); pre.id = 'medcomp-browser-check'; pre.textContent = JSON.stringify(result);
   document.body.appendChild(pre);
 });
