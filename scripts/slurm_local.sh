@@ -17,6 +17,11 @@ case "${1:-}" in
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge > /dev/null
     ;;
   start)
+    if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2> /dev/null && [ -f "$dir/slurmd.pid" ] \
+       && kill -0 "$(cat "$dir/slurmd.pid")" 2> /dev/null; then
+      echo "[slurm_local] already up (slurmctld $(cat "$dir/slurmctld.pid"), slurmd $(cat "$dir/slurmd.pid"))"
+      exit 0
+    fi
     mkdir -p "$dir"/{state,spool,log} /etc/slurm /run/munge /var/log/munge /var/lib/munge
     cpus=$(nproc); memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     cat > "$conf" <<CONF
