@@ -56,7 +56,8 @@ def _trim_heap() -> None:
 
 
 class MemoryProbe:
-    """The process's memory now and its peak over a block: RSS on the CPU, allocated memory on CUDA."""
+    """The process's memory now and its peak over a block: RSS on the CPU, allocated memory on CUDA, summed over every
+    GPU (a model split over two T4s holds its weights on both: the paper's "VRAM" is their sum)."""
 
     def __init__(self, device: str):
         import psutil
@@ -67,7 +68,7 @@ class MemoryProbe:
     def now(self) -> int:
         if self.cuda:
             torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
+            return sum(torch.cuda.memory_allocated(gpu) for gpu in range(torch.cuda.device_count()))
         return self._process.memory_info().rss
 
     def file_backed(self) -> int:
@@ -81,10 +82,13 @@ class MemoryProbe:
 
         found = {"peak": self.now()}
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            gpus = range(torch.cuda.device_count())
+            for gpu in gpus:
+                torch.cuda.reset_peak_memory_stats(gpu)
             yield found
             torch.cuda.synchronize()
-            found["peak"] = max(found["peak"], torch.cuda.max_memory_allocated())
+            # each GPU's own peak, summed: an upper bound when their peaks came at different moments (a split model's do not overlap much)
+            found["peak"] = max(found["peak"], sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus))
             return
         stop = threading.Event()
 

@@ -93,3 +93,23 @@ def test_paper_model_bytes_per_token_match_its_config_counted_independently():
 
 def decoder_layers_of(llama):
     return llama.model.layers
+
+
+def test_the_memory_probe_sums_every_gpu_of_a_split_model(monkeypatch):
+    """Two T4s each holding half a model: the probe reports both halves (simulated CUDA counters)."""
+    import torch
+
+    from medcomp.benchmark import MemoryProbe
+
+    allocated, peaks = {0: 7 * 2**30, 1: 6 * 2**30}, {0: 9 * 2**30, 1: 8 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[device])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks[device])
+    probe = MemoryProbe("cuda")
+    assert probe.now() == 13 * 2**30
+    with probe.peak() as found:
+        pass
+    assert found["peak"] == 17 * 2**30
