@@ -97,3 +97,26 @@ def test_the_standin_split_over_two_devices_generates_the_tokens_it_does_on_one(
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
     outputs = [model.generate(**to_model(batch, model), max_new_tokens=8, do_sample=False) for model in (whole, split)]
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] > batch["input_ids"].shape[1]
+
+
+def test_02s_perplexity_sweep_on_a_split_model_equals_the_whole_models(tiny_llava15_standin, tmp_path, synthetic_root):
+    """02 replays each block's recorded input to the blocks after it; on a split model those blocks sit on the other
+    device, behind accelerate's hooks. The perplexities must be the whole model's (the same device map as the run's)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from medcomp.data import build_conversations, scan_dermnet
+    from medcomp.importance import perplexity_sweep
+    from medcomp.knowledge import DISEASES_BY_SLUG
+    from medcomp.loading import load_processor
+
+    calibration = build_conversations(scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG)).images[:2])
+    processor = load_processor(tiny_llava15_standin)
+    mapping = placement.cuda_device_map(tiny_llava15_standin, gpus=2, devices=["cpu", "disk"])
+    whole = LlavaForConditionalGeneration.from_pretrained(tiny_llava15_standin, dtype=torch.float32).eval()
+    split = LlavaForConditionalGeneration.from_pretrained(tiny_llava15_standin, dtype=torch.float32, device_map=mapping,
+                                                          offload_folder=str(tmp_path / "offload")).eval()
+    layers = list(range(len(whole.model.language_model.layers)))  # blocks on both sides of the split
+    assert {mapping[f"{placement.LAYERS}.{layer}"] for layer in layers} == {"cpu", "disk"}
+    with torch.no_grad():
+        expected, found = (perplexity_sweep(model, processor, calibration, layers, batch_size=2, progress=False) for model in (whole, split))
+    assert found.to_dict() == pytest.approx(expected.to_dict(), rel=1e-5)
