@@ -220,7 +220,7 @@ def test_kaggle_t4_runs_01_to_07_on_a_32_layer_fp16_standin(tmp_path, cache, syn
         if written.is_file() and written.suffix in {".html", ".ipynb", ".json", ".jsonl", ".csv", ".txt", ".log", ".md"}:
             assert SECRET not in written.read_text(errors="ignore"), f"the API key leaked into {written}"
     index = (run_dir / "index.html").read_text()
-    assert "Forecast for a Kaggle T4" in index and index.count(">ok<") == 7
+    assert "Forecast for 2 Kaggle T4s" in index and index.count(">ok<") == 7  # kaggle_t4 plans both of Kaggle's T4s
 
 
 def test_bad_params_fail_before_any_work(tmp_path, cache):
