@@ -126,6 +126,12 @@ def _ended(job, executor: str) -> bool:
 
 
 def _outcome(name: str, job, executor: str) -> PointOutcome:
+    if executor == "slurm" and not job.paths.result_pickle.exists():
+        # ended without a result (scancel, time limit, a lost node): job.result() would wait for a state that
+        # submitit reads from sacct, which a cluster without accounting never gives; scontrol says what happened
+        state, reason = _slurm_state(job.job_id)
+        status = {"CANCELLED": "cancelled", "TIMEOUT": "timeout"}.get(state.split()[0], "failed")
+        return PointOutcome(name, executor, status, job_id=str(job.job_id), reason=f"Slurm state {state}" + (f", reason {reason}" if reason else ""))
     try:
         result = job.result()
     except Exception as error:  # noqa: BLE001  a job that died is a failed point, with why
