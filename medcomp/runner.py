@@ -131,8 +131,10 @@ def _progress_apart(output: Any) -> list[Any]:
     rest = "".join(line for line in lines if not _PROGRESS_BAR.search(line))
     if not bars:
         return [output]
-    parts = [{**output, "name": "stdout", "text": bars}]
-    return parts + ([{**output, "text": rest}] if rest.strip() else [])
+    from nbformat import from_dict  # outputs stay notebook nodes (attribute access), as nbformat made them
+
+    parts = [from_dict({**output, "name": "stdout", "text": bars})]
+    return parts + ([from_dict({**output, "text": rest})] if rest.strip() else [])
 
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
