@@ -87,8 +87,9 @@ def _sweep(minimal, name: str, *options: str, wait: bool = True):
     command = [sys.executable, "-m", "medcomp", "sweep", str(params), "--set", "seed=0,1", "--only", "01_finetune",
                "--sweep-dir", str(folder / name), *options]
     env = {**os.environ, "MEDCOMP_CACHE": str(cache)}
-    if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
+    if not wait:  # as a user's terminal starts it: Ctrl-C interrupts (a shell's background job, as CI may run, ignores SIGINT)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=2400, cwd=folder)
 
 
