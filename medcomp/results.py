@@ -30,7 +30,8 @@ HEADLINE = ("<!-- results:headline: rendered by `python -m medcomp docs` from re
             "<!-- /results:headline -->")
 
 
-def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
+def judge_table(run_dir: Path, name: str) -> pd.DataFrame | None:
+    """One of 07's tables of a run, or None where 07 has not written it."""
     path = run_dir / "stages" / "07_judge" / "tables" / f"{name}.csv"
     return pd.read_csv(path, index_col=0) if path.exists() else None
 
@@ -43,7 +44,7 @@ def run_results(run_dir: Path | str) -> dict[str, Any]:
     stages = sorted(p.name for p in (run_dir / "stages").glob("0*")) if (run_dir / "stages").exists() else []
     summaries = {stage: run.summary(stage) for stage in stages}
     statuses = {stage: json.loads(path.read_text()) for stage in stages if (path := run_dir / "stages" / stage / "status.json").exists()}
-    scores, verdicts, table_4 = _table(run_dir, "scores"), _table(run_dir, "verdicts"), _table(run_dir, "table_4")
+    scores, verdicts, table_4 = judge_table(run_dir, "scores"), judge_table(run_dir, "verdicts"), judge_table(run_dir, "table_4")
     return {"schema": SCHEMA, "kind": "run", "date": manifest.get("written_at"), "git": manifest.get("git"), "packages": manifest.get("packages"),
             "hardware": manifest.get("hardware"), "numerics": manifest.get("numerics"), "params_fingerprint": manifest.get("params_fingerprint"),
             "run_name": (manifest.get("params") or {}).get("run_name"), "world": (manifest.get("params") or {}).get("world"),
@@ -221,8 +222,9 @@ def rendered_docs(root: Path = REPO_ROOT, results_dir: Path | None = None) -> di
 
 def write_docs(root: Path = REPO_ROOT, check: bool = False) -> list[Path]:
     """Write the generated pages (or, with ``check``, only list those that differ); returns the differing ones."""
-    stale = [path for path, text in rendered_docs(root).items() if not path.exists() or path.read_text() != text]
+    pages = rendered_docs(root)
+    stale = [path for path, text in pages.items() if not path.exists() or path.read_text() != text]
     if not check:
         for path in stale:
-            atomic_write_text(path, rendered_docs(root)[path])
+            atomic_write_text(path, pages[path])
     return stale

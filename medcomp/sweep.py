@@ -137,11 +137,6 @@ def where_points_ran(sweep_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
-    path = run_dir / "stages" / "07_judge" / "tables" / f"{name}.csv"
-    return pd.read_csv(path, index_col=0) if path.exists() else None
-
-
 def score_spread(scores: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Per variant, its score at every point, their mean, standard deviation and range (``results.score_spread``)."""
     spread = results.score_spread({point: table["score"].to_dict() for point, table in scores.items()})
@@ -164,8 +159,8 @@ def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Pat
         figures[name] = {f"{stage} · {key}": value for stage in sorted(p.name for p in (sweep_dir / name / "stages").glob("0*"))
                          for key, value in run.summary(stage).items() if "(s)" not in key and "GiB" not in key}
     key_figures = pd.DataFrame(figures)
-    scores = {name: t for name in points if (t := _table(sweep_dir / name, "scores")) is not None}
-    verdicts = {name: t for name in points if (t := _table(sweep_dir / name, "verdicts")) is not None}
+    scores = {name: t for name in points if (t := results.judge_table(sweep_dir / name, "scores")) is not None}
+    verdicts = {name: t for name in points if (t := results.judge_table(sweep_dir / name, "verdicts")) is not None}
     parts = [f"<h1>medcomp sweep <code>{html.escape(sweep_dir.name)}</code></h1>",
              "<p>Points: " + ", ".join(f'<a href="{html.escape(n)}/index.html">{html.escape(n)}</a> ({html.escape(str(p))})' for n, p in points.items()) + "</p>",
              "<h2>Key figures, point by point</h2>", key_figures.to_html(escape=True)]
