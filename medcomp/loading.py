@@ -22,6 +22,7 @@ import torch
 
 from medcomp.backends import CPU_BACKEND, TORCH_BACKEND, awq_backend
 from medcomp.files import WRITE_ID, atomic_directory
+from medcomp.int4 import Int4Linear, load_int4
 from medcomp.placement import cuda_device_map
 
 
@@ -266,9 +267,10 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: str = "float32"
 
 
 def is_quantized_linear(module) -> bool:
-    """A 4-bit linear of bitsandbytes or GPTQModel (not a plain ``nn.Linear``)."""
+    """A 4-bit linear of bitsandbytes, GPTQModel or ``medcomp.int4`` (not a plain ``nn.Linear``)."""
     kind = type(module)
-    return hasattr(getattr(module, "weight", None), "quant_state") or "Awq" in kind.__name__ or "QuantLinear" in kind.__name__
+    return (hasattr(getattr(module, "weight", None), "quant_state") or "Awq" in kind.__name__ or "QuantLinear" in kind.__name__
+            or isinstance(module, Int4Linear))
 
 
 def assert_decoder_quantized(model) -> None:
@@ -319,11 +321,15 @@ def decoder_bytes(model) -> int:
 
 
 def load_variant(variant, dtype: str = "float32", device: str = "cpu"):
-    """Load any registered variant the way it is served: full precision, AWQ/RTN GEMM, bnb nf4, or
-    the QLoRA deployment (nf4 base + unmerged adapter); every kind onto ``device``, in the dtype it is
-    served in there (``serving_dtype``)."""
+    """Load any registered variant the way it is served: full precision, AWQ/RTN GEMM, bnb nf4, the
+    QLoRA deployment (nf4 base + unmerged adapter), or ``medcomp.int4`` (08's, adapters folded or unmerged);
+    every kind onto ``device``, in the dtype it is served in there (``serving_dtype``)."""
     kind = variant.extra.get("format")
     dtype = serving_dtype(kind, dtype, device)
+    if kind == "int4":
+        model = load_int4(variant.path, dtype, device)
+        assert_decoder_quantized(model)
+        return model
     if kind == "qlora":
         return load_qlora_deployment(variant.extra["sft_base"], variant.path, dtype, device)
     if kind == "adapter-on-quantized":

@@ -282,6 +282,15 @@ def finetune_on_quantized(
     return replace(result, merged_dir=Path(quantized_source))
 
 
+def train_prepared(model, processor, train_examples: Sequence[VQAExample], params: FinetuneParams, output_dir: Path, setup: list[Any],
+                   device: str, seed: int = 0) -> tuple[list[dict[str, Any]], float, int]:
+    """Train whatever of ``model`` requires grad, with this module's loop (answer-only loss, one bar, fused
+    AdamW, resumable); the caller built the model and saves it. Returns log history, seconds and steps."""
+    trainer, seconds = _train(model, processor, _conversations(train_examples, params), params, Path(output_dir), setup, device, seed)
+    atomic_write_json(Path(output_dir) / "log_history.json", trainer.state.log_history)
+    return trainer.state.log_history, seconds, trainer.state.global_step
+
+
 _MODULE_PREFIXES = {"vision_tower": VISION_TOWER, "multi_modal_projector": PROJECTOR}
 
 
