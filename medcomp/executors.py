@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medcomp.params import SweepParams
+from medcomp.runner import RUN_ORDER
 from medcomp.runs import Run
 
-STAGES = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "06_benchmark", "07_judge")
+STAGES = RUN_ORDER
 
 
 class SweepSettingsError(ValueError):

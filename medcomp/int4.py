@@ -67,6 +67,20 @@ class LowRankAdapter(nn.Module):
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * float(self.scaling) / int(self.pool)
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``x Wᵀ`` with the dequantized W rebuilt for the backward pass instead of saved: autograd would otherwise keep
+    every layer's dense weight alive until the backward (on a 7B model, the fp16 model again)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dense_weight(x))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dense_weight(grad), None
+
+
 class Int4Linear(nn.Module):
     """A 4-bit linear with float offsets (see the module docstring), optionally with an unmerged ``adapter``."""
 
@@ -156,20 +170,30 @@ class Int4Linear(nn.Module):
             self._packed = (packed, scale_and_zero)
         return self._packed
 
+    def dense_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight for ``like``'s device: on the CPU in fp32, kept in exact mode (one copy, reused by
+        every step); elsewhere in ``like``'s dtype, rebuilt on each call (a 7B model's fp32 copy fits no T4)."""
+        if like.device.type != "cpu":
+            return self.dequantized(like.dtype)
+        if not self.exact:
+            return self.dequantized(torch.float32)
+        if self._dense is None:
+            self._dense = self.dequantized(torch.float32)
+        return self._dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exact:
-            if self._dense is None:
-                self._dense = self.dequantized(torch.float32)
-            out = F.linear(x.float(), self._dense, self.bias).to(x.dtype)
-        elif x.device.type == "cpu":
+        if self.exact or x.device.type != "cpu":
+            compute = torch.float32 if x.device.type == "cpu" else x.dtype
+            out = _DequantizedLinear.apply(x.to(compute), self).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+        else:
             packed, scale_and_zero = self._cpu_kernel_inputs()
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scale_and_zero)
             out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
             if self.bias is not None:
                 out = out + self.bias.to(x.dtype)
-        else:
-            out = F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.adapter is not None:
             out = out + self.adapter(x).to(out.dtype)
         return out

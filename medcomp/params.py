@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medcomp.files import content_hash
 from medcomp.numerics import resolve_mode
-from medcomp.validation import UniqueKeyLoader, describe, looks_like_variable_name, secret_like_keys
+from medcomp.validation import UniqueKeyLoader, describe, key_paths, looks_like_variable_name, merge_overrides, secret_like_keys  # noqa: F401 (re-exported)
 from medcomp.knowledge import DISEASES_BY_SLUG, QUESTIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -197,8 +197,6 @@ class QuantizationParams(Strict):
     recovered: tuple[QuantizationMethod, ...] = ("awq", "bnb")
     pipeline_ablations: tuple[QuantizationMethod, ...] = Field(("rtn",), description="further methods for the first recovered level only (Table 5)")
     recovered_magnitude: tuple[QuantizationMethod, ...] = ("awq",)
-    qlora_deployment: bool = Field(True, description="also serve the nf4 base as trained on + the unmerged adapter (keeps the finetune)")
-    quantize_then_recover: tuple[Literal["awq", "rtn"], ...] = Field(("awq",), description="quantize the pruned model first, then run 04's recovery SFT against it (adapter unmerged)")
     figure_layer_fraction: float = Field(30 / 32, gt=0, le=1, description="Figure 4's decoder layer as a fraction of depth (paper: 30 of 32)")
 
     @model_validator(mode="after")
@@ -206,6 +204,17 @@ class QuantizationParams(Strict):
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128 (the AWQ GEMM kernels'); got {self.group_size}")
         return self
+
+
+class BeyondParams(Strict):
+    """08_beyond: 4-bit models that keep the finetune, for the finetuned model and the first recovered level
+    (issue 31; docs/beyond.md). Adapters train on 05's ``grid`` checkpoint of each with ``recipe``."""
+    grid: Literal["awq", "rtn"] = Field("awq", description="05's 4-bit checkpoint the adapters train against (it must be in quantization.finetuned/recovered)")
+    qalora: bool = Field(True, description="QA-LoRA: group-pooled adapter, folded exactly into the 4-bit offsets (no adapter served)")
+    lora_on_grid: bool = Field(True, description="an ordinary LoRA trained against the 4-bit grid, served unmerged")
+    qlora_deployment: bool = Field(True, description="the nf4 base as trained on + the unmerged adapter (keeps the finetune)")
+    quantize_then_recover: tuple[Literal["awq", "rtn"], ...] = Field((), description="04's recovery SFT through peft's AWQ layers on the 4-bit pruned model (slow)")
+    recipe: FinetuneParams | None = Field(None, description="the adapters' training; None = recovery.finetune (04's recipe, unchanged)")
 
 
 class BenchmarkParams(Strict):
@@ -317,6 +326,7 @@ class Params(Strict):
     pruning: PruningParams = PruningParams()
     recovery: RecoveryParams = RecoveryParams()
     quantization: QuantizationParams = QuantizationParams()
+    beyond: BeyondParams = BeyondParams()
     benchmark: BenchmarkParams = BenchmarkParams()
     judge: JudgeParams = JudgeParams()
     runtime: RuntimeParams = RuntimeParams()
@@ -362,16 +372,6 @@ def resolve_params_path(name_or_path: str | Path) -> Path:
     return PRESETS_DIR / f"{name_or_path}.yaml"
 
 
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it, nested dicts merged key by key."""
-    return {**base, **{key: merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-                       for key, value in overrides.items()}}
-
-
-def _key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
-    return [path for key, value in mapping.items() for path in (_key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
-
-
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ParamsError(f"params file {path} not found (presets: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))})")
@@ -395,5 +395,5 @@ def load_params(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     try:
         return Params.model_validate(merged)
     except ValidationError as error:
-        source = str(path) + (" with overrides of " + ", ".join(_key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
+        source = str(path) + (" with overrides of " + ", ".join(key_paths(overrides)) if overrides else "")  # keys only: values may be secrets
         raise ParamsError(describe(error, source)) from None

@@ -35,7 +35,9 @@ STANDIN_SIZES: dict[str, Any] = {
 
 
 # 05's cells when GPTQModel is absent (scripts/kaggle_install.sh without --awq): bitsandbytes and the QLoRA deployment
-BNB_ONLY = {"finetuned": ["bnb"], "pruned": [], "recovered": ["bnb"], "pipeline_ablations": [], "recovered_magnitude": [], "quantize_then_recover": []}
+BNB_ONLY = {"finetuned": ["bnb"], "pruned": [], "recovered": ["bnb"], "pipeline_ablations": [], "recovered_magnitude": []}
+# 08's adapters train on 05's AWQ grid, which needs GPTQModel: without it, 08 keeps the QLoRA deployments only
+BEYOND_BNB_ONLY = {"qalora": False, "lora_on_grid": False, "quantize_then_recover": []}
 
 
 def rating_by_overlap(user_message: str) -> int:
@@ -96,7 +98,7 @@ def write_standin_params(target: Path, standin: Path, data_root: Path, judge_url
                                                 "judge": {"base_url": judge_url}})
     if importlib.util.find_spec("gptqmodel") is None:  # kaggle_install.sh without --awq: 05 runs what that install allows
         print("[rehearsal] GPTQModel is not installed: 05 quantizes with bitsandbytes only (no AWQ, no round-to-nearest)")
-        overrides = merge_overrides(overrides, {"quantization": BNB_ONLY})
+        overrides = merge_overrides(overrides, {"quantization": BNB_ONLY, "beyond": BEYOND_BNB_ONLY})
     target.write_text(yaml.safe_dump(merge_overrides(merge_overrides(raw, overrides), extra or {})))
     return target
 

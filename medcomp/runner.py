@@ -42,8 +42,15 @@ class StageOutcome:
     reason: str = ""
 
 
+# The order stages run in. 08_beyond builds variants that 06 measures and 07 scores, so it runs after 05;
+# its number says that it goes beyond the paper's seven notebooks. A notebook not listed runs after these, by name.
+RUN_ORDER = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "08_beyond", "06_benchmark", "07_judge")
+
+
 def discover_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
-    return sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    """Every ``NN_*.ipynb`` in run order (``RUN_ORDER``)."""
+    position = {stage: index for index, stage in enumerate(RUN_ORDER)}
+    return sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"), key=lambda p: (position.get(p.stem, len(RUN_ORDER)), p.name))
 
 
 def notebook_fingerprint(notebook: Path) -> str:
@@ -322,7 +329,7 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
     )
     total = sum(o.seconds for o in outcomes if o.status in ("ok", "failed"))
     headlines = "".join(run.headline(o.stage) for o in outcomes if o.status in ("ok", "reused", "stale"))
-    from medcomp.plan import forecast_html
+    from medcomp.forecast import forecast_html
 
     forecast = forecast_html(params)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>medcomp run {html.escape(params.run_name)}</title>

@@ -56,12 +56,13 @@ class PaperRows:
     table_3: tuple[tuple[str, str], ...]  # (paper model, source variant); cells are <source>-awq / -bnb / -rtn
     table_4: tuple[tuple[str, str], ...]  # (paper method or ours, variant)
     table_5: tuple[tuple[str, str], ...]  # (paper setting, variant)
+    beyond: tuple[tuple[str, str], ...]  # (this package's 4-bit model that keeps the finetune, variant): 08's, scored in 07
     finetuned: str
     first_pruned: str | None
     first_recovered: str | None
 
 
-def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, int]], quantize_then_recover: Sequence[str] = ()) -> PaperRows:
+def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, int]]) -> PaperRows:
     """Map this run's registry onto the paper's tables. ``pruning_levels`` are 03's (fraction, count)
     pairs (``pruning.levels_for_depth``)."""
     table_1 = tuple((paper_layers_of_32(fraction), "finetuned" if count == 0 else f"pruned-{count}") for fraction, count in pruning_levels)
@@ -78,15 +79,17 @@ def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, i
     first = by_depth[0].name if by_depth else None
     pruned = by_depth[0].parent if by_depth else None
     table_4 = [("Original LLaVA", "finetuned"), ("Pruning Only", pruned), ("Pruning and SFT", first), ("Quantization Only", "finetuned-awq"),
-               ("Prune + Quant", f"{pruned}-awq"), ("Prune + SFT + Quant", f"{first}-awq"),
-               ("QLoRA deployment: nf4 base + unmerged adapter (ours)", "finetuned-qlora"),
-               ("Prune + SFT, QLoRA deployment (ours)", f"{first}-qlora"),
-               *[(f"Prune + {m.upper()} + SFT on the 4-bit model (ours)", f"{pruned}-{m}-sft") for m in quantize_then_recover]]
+               ("Prune + Quant", f"{pruned}-awq"), ("Prune + SFT + Quant", f"{first}-awq")]
+    beyond = [("Quantization Only, QA-LoRA folded into 4 bits (08)", "finetuned-awq-qalora"), ("Quantization Only, LoRA on the 4-bit grid (08)", "finetuned-awq-lora"),
+              ("QLoRA deployment: nf4 base + unmerged adapter (08)", "finetuned-qlora"),
+              ("Prune + SFT + Quant, QA-LoRA folded into 4 bits (08)", f"{first}-awq-qalora"), ("Prune + SFT + Quant, LoRA on the 4-bit grid (08)", f"{first}-awq-lora"),
+              ("Prune + SFT, QLoRA deployment (08)", f"{first}-qlora")]
+    beyond += [(f"Prune + {m.upper()} + SFT on the 4-bit model (08)", f"{pruned}-{m}-sft") for m in ("awq", "rtn")]
     table_5 = [("Full pipeline (ours)", f"{first}-awq"), ("Bitsandbytes quantization", f"{first}-bnb"),
                *[("Pruning Based on Magnitude Baseline", f"{v.name}-awq") for v in magnitude[:1]],
                ("Round to neighbour Quantization", f"{first}-rtn")]
     present = lambda rows: tuple((label, name) for label, name in rows if name in variants)  # noqa: E731
-    return PaperRows(table_1, table_2, table_3, present(table_4), present(table_5), "finetuned", pruned, first)
+    return PaperRows(table_1, table_2, table_3, present(table_4), present(table_5), present(beyond), "finetuned", pruned, first)
 
 
 def paper_rows_for_run(run, params) -> PaperRows:
@@ -102,7 +105,7 @@ def paper_rows_for_run(run, params) -> PaperRows:
                   else AutoConfig.from_pretrained(variants["finetuned"].path).text_config.num_hidden_layers)
     max_removable = len(prunable_layers(num_layers, params.importance.protect_first, params.importance.protect_last))
     levels = levels_for_depth(params.pruning.levels, num_layers, max_removable)
-    return paper_rows(variants, levels, params.quantization.quantize_then_recover)
+    return paper_rows(variants, levels)
 
 
 # ------------------------------------------------------------------------------------------ measured tables (03-06)
@@ -328,9 +331,10 @@ def scored_table_3(rows: PaperRows, scores: dict[str, VariantScore], paper_table
 
 def scored_table_4(rows: PaperRows, scores: dict[str, VariantScore], paper_table: pd.DataFrame,
                    efficiency: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Table 4 scored, with 06's efficiency columns (ratios to the finetuned model) when given."""
+    """Table 4 scored, with 06's efficiency columns (ratios to the finetuned model) when given; 08's models that
+    keep the finetune below the paper's rows."""
     table = []
-    for method, name in rows.table_4:
+    for method, name in [*rows.table_4, *rows.beyond]:
         paper = paper_table.loc[method] if method in paper_table.index else None
         row: dict[str, Any] = {"method": method, "variant": name}
         _paper_beside(row, scores.get(name), None if paper is None else float(paper["score"]))

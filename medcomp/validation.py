@@ -88,3 +88,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                                         f"{key_node.start_mark.line + 1}): YAML keeps only one", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, nested dicts merged key by key."""
+    return {**base, **{key: merge_overrides(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+                       for key, value in overrides.items()}}
+
+
+def key_paths(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of a nested mapping's leaves (``a.b.c``): names keys without showing values."""
+    return [path for key, value in mapping.items() for path in (key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]

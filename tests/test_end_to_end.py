@@ -26,8 +26,9 @@ MINIMAL = {
     "recovery": {"levels": [0.21875], "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "multi_turn": False,
                                                    "compute_dtype": "float32", "mixed_precision": "no", "lora": {"r": 16, "alpha": 8}}},
     # every path once: AWQ (the slowest, about 4 s a layer here) on one model only
-    "quantization": {"calibration_size": 2, "finetuned": ["bnb"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [], "recovered_magnitude": [],
-                     "quantize_then_recover": ["awq"]},
+    "quantization": {"calibration_size": 2, "finetuned": ["bnb", "rtn"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [],
+                     "recovered_magnitude": []},
+    "beyond": {"grid": "rtn", "quantize_then_recover": ["awq"]},
     "benchmark": {"new_tokens": 4, "warmup": 1, "repeats": 2},
 }
 
@@ -88,8 +89,13 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
         assert text in quantize_report, text
     for noise in ("GPT-QModel", "Loading weights", "INFO "):
         assert noise not in quantize_report, f"library noise in the report: {noise}"
-    for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft"):
+    for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft",
+                    "finetuned-rtn-qalora", "recovered-7-rtn-qalora", "finetuned-rtn-lora", "recovered-7-rtn-lora"):
         assert run.variant(variant).bits == 4 and len(run.answers(variant)) == 8 * 3, variant
+    for variant, blocks in (("finetuned-rtn-qalora", 30), ("recovered-7-rtn-qalora", 30 - 7)):  # 08: on 05's grid, folded exactly, no adapter served
+        extra = run.variant(variant).extra
+        assert extra["format"] == "int4" and extra["adapters folded"] == blocks * 7 and extra["fold error"] < 1e-5, variant
+    assert "fold error (fp32)" in (run_dir / "08_beyond.html").read_text()
     benchmark_report = (run_dir / "06_benchmark.html").read_text()
     for text in ("Table 4, efficiency columns", "decode ms/token", "Where a decoded token", "What a T4 would be bound by", "paper: VRAM GB"):
         assert text in benchmark_report, text

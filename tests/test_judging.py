@@ -296,9 +296,9 @@ def test_every_paper_row_finds_its_variant():
     assert rows.table_2[2][0] == "magnitude baseline (Table 5)"
     assert rows.table_3 == (("Base LLaVA (7B)", "finetuned"), ("Pruned LLaVA (5.6B)", "recovered-7"), ("Pruned LLaVA (5.2B)", "recovered-8"))
     assert dict(rows.table_4) == {"Original LLaVA": "finetuned", "Pruning Only": "pruned-7", "Pruning and SFT": "recovered-7",
-                                  "Quantization Only": "finetuned-awq", "Prune + Quant": "pruned-7-awq", "Prune + SFT + Quant": "recovered-7-awq",
-                                  "QLoRA deployment: nf4 base + unmerged adapter (ours)": "finetuned-qlora",
-                                  "Prune + SFT, QLoRA deployment (ours)": "recovered-7-qlora"}
+                                  "Quantization Only": "finetuned-awq", "Prune + Quant": "pruned-7-awq", "Prune + SFT + Quant": "recovered-7-awq"}
+    assert dict(rows.beyond) == {"QLoRA deployment: nf4 base + unmerged adapter (08)": "finetuned-qlora",
+                                 "Prune + SFT, QLoRA deployment (08)": "recovered-7-qlora"}  # 08's, registered
     assert dict(rows.table_5) == {"Full pipeline (ours)": "recovered-7-awq", "Bitsandbytes quantization": "recovered-7-bnb",
                                   "Pruning Based on Magnitude Baseline": "recovered-7-magnitude-awq", "Round to neighbour Quantization": "recovered-7-rtn"}
 
@@ -340,7 +340,7 @@ def test_a_row_the_paper_never_built_reads_a_dash_in_the_paper_columns_never_nan
         assert not frame.isna().any().any(), title
         assert "NaN" not in frame.to_html(), title
     table4 = scored["Table 4 · overall"]
-    qlora = "QLoRA deployment: nf4 base + unmerged adapter (ours)"
+    qlora = "QLoRA deployment: nf4 base + unmerged adapter (08)"
     assert table4.loc[qlora, "paper: VRAM (GB)"] == tables.NOT_IN_THE_PAPER
     assert table4.loc["Original LLaVA", "paper: VRAM (GB)"] == 13.4  # a paper row keeps its number
     headline = report.headline_html(table4, claims.verdicts(claims.paper_claims(rows, variants), scores), {}, "embedded", "score")

@@ -153,15 +153,23 @@ def test_the_plan_covers_every_cell_of_tables_3_to_5():
         ("finetuned", None, {"adapter": "a", "sft_base": "b"}), ("pruned-7", "finetuned", {}), ("pruned-7-magnitude", "finetuned", {}),
         ("recovered-7", "pruned-7", {"adapter": "a", "sft_base": "b"}), ("recovered-9", "pruned-9", {"adapter": "a", "sft_base": "b"}),
         ("recovered-7-magnitude", "pruned-7-magnitude", {"adapter": "a", "sft_base": "b"})]}
-    plan = quantize_stage.quantization_plan(QuantizationParams(quantize_then_recover=("awq", "rtn")), variants,
-                                          ["recovered-7", "recovered-9", "recovered-7-magnitude"])
+    plan = quantize_stage.quantization_plan(QuantizationParams(), variants, ["recovered-7", "recovered-9", "recovered-7-magnitude"])
     names = {step.name for step in plan}
-    assert {"finetuned-awq", "finetuned-bnb", "recovered-7-awq", "recovered-7-bnb", "recovered-9-awq", "recovered-9-bnb",  # Table 3
-            "pruned-7-awq",  # Table 4: prune + quant
-            "recovered-7-rtn", "recovered-7-magnitude-awq",  # Table 5
-            "pruned-7-rtn",  # the RTN base of quantize-then-recover
-            "finetuned-qlora", "recovered-7-qlora"} <= names
+    assert names == {"finetuned-awq", "finetuned-bnb", "recovered-7-awq", "recovered-7-bnb", "recovered-9-awq", "recovered-9-bnb",  # Table 3
+                     "pruned-7-awq",  # Table 4: prune + quant
+                     "recovered-7-rtn", "recovered-7-magnitude-awq"}  # Table 5; the models that keep the finetune are 08's
     assert len(names) == len(plan)
+
+    from medcomp.params import BeyondParams
+    from medcomp.stages import beyond
+
+    registered = {**variants, **{n: Variant(n, "05_quantize", "p") for n in names}}
+    steps = beyond.beyond_plan(BeyondParams(), registered, ["recovered-7", "recovered-9", "recovered-7-magnitude"])
+    assert [(s.name, s.grid) for s in steps] == [
+        ("finetuned-awq-qalora", "finetuned-awq"), ("recovered-7-awq-qalora", "recovered-7-awq"),  # the pipeline model: the first level only
+        ("finetuned-awq-lora", "finetuned-awq"), ("recovered-7-awq-lora", "recovered-7-awq"), ("finetuned-qlora", None), ("recovered-7-qlora", None)]
+    with pytest.raises(ValueError, match=r"'finetuned-rtn', which 05 did not build: add 'rtn' to quantization.finetuned"):
+        beyond.beyond_plan(BeyondParams(grid="rtn"), registered, ["recovered-7"])
 
 
 def test_quantization_and_recovery_params_refuse_what_cannot_run():

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from medcomp import calibration, evaluation, importance, loading, plan, weight_analysis
+from medcomp import calibration, evaluation, forecast, importance, loading, plan, weight_analysis
 from medcomp.data import build_conversations, scan_dermnet, select_split
 from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES
 from medcomp.params import load_params
@@ -164,8 +164,11 @@ def test_every_kaggle_t4_stage_plans_within_a_t4():
     assert shape.parameters() == pytest.approx(7.06e9, rel=0.01) and shape.image_tokens == 576
     assert plan.weight_bytes(shape) / plan.GIB == pytest.approx(13.16, abs=0.01)
     plans = plan.stage_plans(params, shape)
+    assert [p.stage for p in plans if p.stage.startswith(("05", "06", "07", "08"))][-4:] == ["05_quantize", "08_beyond", "06_benchmark", "07_judge"]
     assert {p.stage for p in plans} == {f"0{i}_{s}" for i, s in enumerate(
-        ["finetune", "layer_importance", "prune", "sft_pruned", "quantize", "benchmark", "judge"], start=1)}
+        ["finetune", "layer_importance", "prune", "sft_pruned", "quantize", "benchmark", "judge", "beyond"], start=1)}
+    grid = next(p for p in plans if p.stage == "08_beyond")  # QA-LoRA on the int4 grid: the nf4 SFT's terms with AWQ's bytes and one dense linear
+    assert grid.terms["one linear dequantized (fp16)"] == 2 * 4096 * 11008 and 4 < grid.peak_bytes / plan.GIB < 8
     over = [(p.stage, p.step, round(p.peak_bytes / plan.GIB, 2)) for p in plans if not p.fits()]
     assert not over, over
     assert params.evaluation.batch_size == plan.auto_batch_size(shape, params.evaluation.max_new_tokens) < 8  # batch 8 would need 16.6 GiB
@@ -185,10 +188,10 @@ def test_auto_batch_is_the_largest_that_fits():
 def test_kaggle_run_folder_fits_kaggles_output_and_would_not_without_scratch():
     params = load_params("kaggle_t4")
     shape = plan.shape_of(plan.real_config())
-    kept = plan.disk_table(params, shape)
+    kept = forecast.disk_table(params, shape)
     assert params.runtime.scratch_dir and kept["run folder cumulative GiB"].iloc[-1] <= plan.KAGGLE_OUTPUT_GIB
     assert kept["scratch GiB"].max() < 50  # a stage's models, pruned copies one at a time: not the ~150 GB of every copy
-    everything = plan.disk_table(load_params("kaggle_t4", {"runtime": {"scratch_dir": None}}), shape)
+    everything = forecast.disk_table(load_params("kaggle_t4", {"runtime": {"scratch_dir": None}}), shape)
     assert everything["run folder cumulative GiB"].iloc[-1] > 140  # what full copies in the run folder would need
 
 

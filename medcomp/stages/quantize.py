@@ -1,5 +1,7 @@
 """05_quantize: which (model, method) cells to build, and building them: quantize (or reuse), reload and
-check, answer the test set, register, and measure what of an SFT survived the rounding."""
+check, answer the test set, register, and measure what of an SFT survived the rounding. The QLoRA
+deployment and quantize-then-recover (``build_quantized``'s ``qlora`` method, ``recover_on_quantized``) are
+08_beyond's, built through the same functions (``medcomp.stages.beyond``)."""
 
 from __future__ import annotations
 
@@ -40,17 +42,11 @@ def quantization_plan(settings, variants: dict[str, Any], recovered: Sequence[st
     by_depth = [name for name in recovered if name not in magnitude]
     roles: list[tuple[str, str, Sequence[str]]] = [("finetuned", "finetuned", settings.finetuned)]
     if by_depth:
-        # quantize-then-recover starts from the pruned model quantized by its method: those cells too
-        pruned_methods = tuple(dict.fromkeys([*settings.pruned, *settings.quantize_then_recover]))
-        roles.append((variants[by_depth[0]].parent, "pruned", pruned_methods))
+        roles.append((variants[by_depth[0]].parent, "pruned", settings.pruned))
     roles += [(name, "recovered", tuple(dict.fromkeys([*settings.recovered, *(settings.pipeline_ablations if index == 0 else ())])))
               for index, name in enumerate(by_depth)]
     roles += [(name, "recovered_magnitude", settings.recovered_magnitude) for name in magnitude]
-    steps = [QuantizationStep(source, method, role) for source, role, methods in roles for method in methods]
-    if settings.qlora_deployment:
-        steps += [QuantizationStep(source, "qlora", role) for source, role in [("finetuned", "finetuned"), *[(n, "recovered") for n in by_depth[:1]]]
-                  if "adapter" in variants[source].extra]
-    return steps
+    return [QuantizationStep(source, method, role) for source, role, methods in roles for method in methods]
 
 
 def build_quantized(run, stage: str, step: QuantizationStep, conversations, test_examples, dtype: str, device: str,
@@ -95,22 +91,15 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
     return result
 
 
-def build_all(run, stage: str, plan: Sequence[QuantizationStep], quantize_then_recover: Sequence[str], conversations, train_examples,
-              test_examples, recovery_params, dtype: str, device: str, group_size: int, max_new_tokens: int, batch_size: int,
-              seed: int = 0) -> list[dict[str, Any]]:
-    """Every cell of the plan (``build_quantized``), then quantize-then-recover for each method asked
-    (``recover_on_quantized`` on the pruned model quantized by it); one result per variant."""
+def build_all(run, stage: str, plan: Sequence[QuantizationStep], conversations, test_examples, dtype: str, device: str, group_size: int,
+              max_new_tokens: int, batch_size: int) -> list[dict[str, Any]]:
+    """Every cell of the plan (``build_quantized``); one result per variant."""
     results = []
     for step in plan:
         result = build_quantized(run, stage, step, conversations, test_examples, dtype, device, group_size, max_new_tokens, batch_size)
         results.append(result)
         print(f"{step.name}: quantized in {result['quantize seconds']:.1f} s; decoder {result['decoder bytes'] / 1e6:.1f} MB; "
               f"naming {result['naming accuracy']:.1%}")
-    for method in quantize_then_recover:
-        base = next(s.name for s in plan if s.role == "pruned" and s.method == method)
-        result = recover_on_quantized(run, stage, base, train_examples, test_examples, recovery_params, device, max_new_tokens, batch_size, seed=seed)
-        results.append(result)
-        print(f"{result['variant']}: SFT {result['SFT seconds']:.0f} s; naming {result['naming accuracy']:.1%}")
     return results
 
 

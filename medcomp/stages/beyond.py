@@ -1,0 +1,151 @@
+"""08_beyond: which 4-bit models that keep the finetune to build, and building them (issue 31).
+
+08 runs after 05 and before 06 and 07, so that 06 measures its variants and 07 scores them beside the
+paper's, with the same benchmark round and the same judge; 07 draws the frontier and counts this package's
+claims. For the finetuned model and the first recovered level (the paper's pipeline model) it builds:
+- ``<source>-<grid>-qalora``: QA-LoRA trained against 05's 4-bit checkpoint of the source (``grid``),
+  folded exactly into its offsets: a plain 4-bit model (``medcomp.qalora``, ``medcomp.int4``);
+- ``<source>-<grid>-lora``: an ordinary LoRA trained against the same grid, served unmerged;
+- ``<source>-qlora``: the QLoRA deployment, the nf4 base as trained on with the adapter unmerged (from 05);
+- ``<pruned>-<method>-sft``: 04's recovery through peft's AWQ layers (from 05; off by default: slow).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from medcomp import int4, qalora
+from medcomp.evaluation import PeakMemory, answer_stats, generate_answers, naming_accuracy
+from medcomp.files import content_hash
+from medcomp.loading import checkpoint_identity, decoder_bytes, load_processor, load_variant, tensor_bytes
+from medcomp.runs import Variant
+from medcomp.stages.materialise import ensure
+from medcomp.stages.quantize import QuantizationStep, build_quantized, recover_on_quantized
+
+
+@dataclass(frozen=True)
+class BeyondStep:
+    source: str  # finetuned, or the first recovered level
+    method: str  # qalora, lora (on the grid), qlora
+    role: str  # finetuned, recovered
+    grid: str | None = None  # 05's 4-bit variant the adapters train on
+
+    @property
+    def name(self) -> str:
+        return f"{self.grid}-{self.method}" if self.grid else f"{self.source}-{self.method}"
+
+
+def beyond_plan(settings, variants: dict[str, Any], recovered: Sequence[str]) -> list[BeyondStep]:
+    """The variants 08 builds (``params.BeyondParams``); ``recovered`` are 04's, the first by depth the pipeline's."""
+    if "finetuned" not in variants:
+        raise ValueError("no 'finetuned' variant registered: run 01_finetune first")
+    by_depth = [name for name in recovered if not name.endswith("-magnitude")]
+    sources = [("finetuned", "finetuned"), *[(name, "recovered") for name in by_depth[:1]]]
+    steps = []
+    for method, wanted in (("qalora", settings.qalora), ("lora", settings.lora_on_grid)):
+        for source, role in sources if wanted else []:
+            grid = f"{source}-{settings.grid}"
+            if grid not in variants:
+                raise ValueError(f"beyond.{'qalora' if method == 'qalora' else 'lora_on_grid'} trains on {grid!r}, which 05 did not build: "
+                                 f"add {settings.grid!r} to quantization.{role}, or set beyond.grid to a method it has")
+            steps.append(BeyondStep(source, method, role, grid))
+    if settings.qlora_deployment:
+        steps += [BeyondStep(source, "qlora", role) for source, role in sources if "adapter" in variants[source].extra]
+    return steps
+
+
+def build_on_grid(run, stage: str, step: BeyondStep, train_examples, test_examples, recipe, dtype: str, device: str,
+                  max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """Train adapters against ``step.grid`` (or reuse them: same grid checkpoint, recipe, data and seed), fold
+    them (QA-LoRA) and measure the fold, save the int4 model, answer the test set, register."""
+    grid = run.variant(step.grid)
+    source = ensure(run, step.source)
+    name = step.name
+    setup = content_hash([checkpoint_identity(grid.path), recipe.model_dump(mode="json"), [(e.image, e.question) for e in train_examples],
+                          seed, step.method], 16)
+    previous = run.variants().get(name)
+    started = time.perf_counter()
+    if previous is not None and previous.extra.get("setup") == setup and run.has_answers(name) and (Path(previous.path) / "config.json").exists():
+        variant, answers = previous, run.answers(name)
+        model = load_variant(variant, dtype, device)
+    else:
+        processor = load_processor(source.path)
+        with PeakMemory() as memory:
+            trained = qalora.train_on_grid(grid.path, source.path, device, train_examples, recipe, run.stage_dir(stage) / name, seed,
+                                           pooled=step.method == "qalora")
+        exactness = qalora.fold_exactness(trained.model, processor, train_examples[:4]) if step.method == "qalora" else {}
+        path = int4.save_int4(trained.model, processor, run.model_dir(stage, name))
+        variant = Variant(name=name, stage=stage, path=str(path), parent=grid.name, layers_removed=grid.layers_removed, bits=4,
+                          parameters=grid.parameters,
+                          notes=(f"QA-LoRA on {grid.name}, folded into the 4-bit offsets" if step.method == "qalora" else f"LoRA on {grid.name}, unmerged"),
+                          extra={"format": "int4", "setup": setup, "role": step.role, "method": step.method, "grid": grid.name,
+                                 "SFT seconds": round(trained.train_seconds, 1), "SFT peak": memory.gib, "trainable parameters": trained.trainable_parameters,
+                                 "log_history": trained.log_history, **exactness})
+        del trained
+        run.register_variant(variant)
+        model = load_variant(variant, dtype, device)
+        answers = generate_answers(model, processor, test_examples, max_new_tokens, batch_size, description=f"answering ({name})")
+        run.save_answers(name, answers)
+    extra = variant.extra
+    result = {"variant": name, "source": step.source, "method": step.method, "role": step.role, "grid": grid.name,
+              "SFT seconds": extra["SFT seconds"], "trainable parameters": extra["trainable parameters"],
+              "fold error": extra.get("fold error"), "served error": extra.get("served error"),
+              "decoder bytes": decoder_bytes(model), "model bytes": tensor_bytes(model), **answer_stats(answers),
+              "seconds": time.perf_counter() - started, "log_history": extra["log_history"]}
+    del model
+    return result
+
+
+def build_all(run, stage: str, plan: Sequence[BeyondStep], settings, train_examples, test_examples, recipe, dtype: str, device: str,
+              group_size: int, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Every step of the plan, then quantize-then-recover for each method asked; one result per variant."""
+    results = []
+    for step in plan:
+        if step.method == "qlora":
+            result = build_quantized(run, stage, QuantizationStep(step.source, "qlora", step.role), [], test_examples, dtype, device,
+                                     group_size, max_new_tokens, batch_size)
+            result |= {"SFT seconds": 0.0, "grid": None}
+        else:
+            result = build_on_grid(run, stage, step, train_examples, test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed)
+        results.append(result)
+        print(f"{step.name}: naming {result['naming accuracy']:.1%}; decoder {result['decoder bytes'] / 1e6:.1f} MB")
+    variants = run.variants()
+    pruned = next((variants[s.source].parent for s in plan if s.role == "recovered"), None)
+    for method in settings.quantize_then_recover:
+        if pruned is None or f"{pruned}-{method}" not in variants:
+            raise ValueError(f"beyond.quantize_then_recover {method!r} needs 05's {pruned}-{method}: add {method!r} to quantization.pruned")
+        result = recover_on_quantized(run, stage, f"{pruned}-{method}", train_examples, test_examples, recipe, device, max_new_tokens, batch_size, seed=seed)
+        results.append(result)
+    return results
+
+
+def results_table(run, results: Sequence[dict[str, Any]], reference_bytes: int) -> pd.DataFrame:
+    """Each variant beside the model it keeps the finetune of and the 4-bit grid it was trained on: naming,
+    bytes against the finetuned model's, the fold's exactness and the training time."""
+    rows = []
+    for r in results:
+        grid = r.get("grid")
+        rows.append({"variant": r["variant"], "method": r["method"], "naming accuracy": r["naming accuracy"],
+                     "source naming (unquantized)": naming_accuracy(run.answers(r["source"])) if run.has_answers(r["source"]) else None,
+                     "grid naming (05)": naming_accuracy(run.answers(grid)) if grid and run.has_answers(grid) else None,
+                     "model MB": r["model bytes"] / 1e6, "model bytes × finetuned": r["model bytes"] / reference_bytes,
+                     "fold error (fp32)": r.get("fold error"), "served error (bf16 kernel)": r.get("served error"),
+                     "SFT seconds": r.get("SFT seconds")})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def findings(table: pd.DataFrame) -> str:
+    """Markdown: per variant, its naming against its unquantized source and its 05 grid, and the fold's error."""
+    lines = []
+    for name, r in table.iterrows():
+        against = [f"{label} {r[column]:.1%}" for label, column in (("unquantized", "source naming (unquantized)"), ("05's 4-bit grid", "grid naming (05)"))
+                   if pd.notna(r[column])]
+        fold = f"; folded with a relative logit error of {r['fold error (fp32)']:.1e} (fp32)" if pd.notna(r["fold error (fp32)"]) else ""
+        lines.append(f"- `{name}` ({r['method']}): names **{r['naming accuracy']:.1%}** against {', '.join(against)}, "
+                     f"at {r['model bytes × finetuned']:.2f}× the finetuned model's bytes{fold}.")
+    return "\n".join(lines) or "Nothing was built: every method of `beyond` is off."
