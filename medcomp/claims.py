@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from medcomp.paper import TABLE_4
 from medcomp.scoring import VariantScore, paired_difference
 from medcomp.tables import PaperRows
 
@@ -21,6 +22,7 @@ class Claim:
     better: str  # the variant the paper says scores higher
     worse: str
     paper: str  # the paper's own numbers for the comparison
+    factor: float = 1.0  # "better keeps at least factor × worse's score": worse's ratings scaled by it
 
 
 def paper_claims(rows: PaperRows, variants: dict[str, Any]) -> list[Claim]:
@@ -41,14 +43,34 @@ def paper_claims(rows: PaperRows, variants: dict[str, Any]) -> list[Claim]:
     return [c for c in claims if c.better in variants and c.worse in variants]
 
 
+def beyond_claims(rows: PaperRows, variants: dict[str, Any], keep: float = 0.95) -> list[Claim]:
+    """This package's own claims for 08's models (issue 31), tested like the paper's: QA-LoRA beats the paper's
+    4-bit model of the same source at the same bytes, and keeps ``keep`` × the unquantized model's score."""
+    claims = []
+    for source, paper_name in (("finetuned", "Quantization Only"), (rows.first_recovered, "Prune + SFT + Quant")):
+        folded = f"{source}-awq-qalora"
+        claims += [Claim(f"(this package) QA-LoRA folded into 4 bits beats the paper's {paper_name} at the same bytes ({folded} vs {source}-awq)",
+                         folded, f"{source}-awq", "not in the paper: its 4-bit models merge, then round"),
+                   Claim(f"(this package) QA-LoRA folded into 4 bits keeps ≥ {keep:.0%} of the unquantized model's score ({folded} vs {source})",
+                         folded, source or "", f"the paper's {paper_name} keeps {_paper_ratio(paper_name):.2f}× of its source", keep)]
+    return [c for c in claims if c.better in variants and c.worse in variants]
+
+
+def _paper_ratio(method: str) -> float:
+    source = {"Quantization Only": "Original LLaVA", "Prune + SFT + Quant": "Pruning and SFT"}[method]
+    return float(TABLE_4.loc[method, "score"] / TABLE_4.loc[source, "score"])
+
+
 def verdicts(claims: Sequence[Claim], scores: dict[str, VariantScore], samples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per claim whose variants are scored; a claim with ``factor`` f compares better's ratings with f × worse's."""
     rows = []
     for claim in claims:
         better, worse = scores.get(claim.better), scores.get(claim.worse)
         if better is None or worse is None:
             continue
-        comparison = paired_difference(better.ratings, worse.ratings, samples, seed)
-        rows.append({"claim": claim.claim, "ours": f"{better.score:.1f} ({claim.better}) vs {worse.score:.1f} ({claim.worse})",
+        comparison = paired_difference(better.ratings, {k: claim.factor * v for k, v in worse.ratings.items()}, samples, seed)
+        scaled = f"{claim.factor:g} × " if claim.factor != 1.0 else ""
+        rows.append({"claim": claim.claim, "ours": f"{better.score:.1f} ({claim.better}) vs {scaled}{worse.score:.1f} ({claim.worse})",
                      "difference [95% CI]": f"{comparison.difference:+.1f} [{comparison.low:+.1f}, {comparison.high:+.1f}]",
                      "paired items": comparison.items, "verdict": comparison.verdict, "paper": claim.paper})
     return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame(columns=["claim"]).set_index("claim")

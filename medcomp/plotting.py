@@ -318,3 +318,30 @@ def case_study(image_path: str, question: str, reference: str, answers: dict[str
         text_axes.text(0.33, y, _wrap(answer, 85, 3), fontsize=8, va="top")
     figure.suptitle(title, x=0.5, y=1.02)
     return figure
+
+
+def frontier(points: pd.DataFrame, paper_points: pd.DataFrame, fronts: dict[str, Sequence[str]], beyond_stage: str = "08_beyond",
+             title: str = "Score against bytes and decode time, as ratios to the finetuned model"):
+    """Two panels, score × finetuned against model bytes × and decode time × finetuned: every variant of the run
+    (with its interval; 08's in red), the non-dominated ones (``fronts``, per x column) joined, and the paper's
+    Table 4 rows as ratios."""
+    figure, panels = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axes, x, label in zip(panels, ("model MB × finetuned", "decode × finetuned"), ("model bytes × finetuned (paper: VRAM)", "decode ms/token × finetuned")):
+        ours = points["stage"] == beyond_stage
+        for mask, colour, name in ((~ours, "tab:blue", "this run (paper's pipeline)"), (ours, "tab:red", "this run, 08 (beyond the paper)")):
+            part = points[mask]
+            axes.errorbar(part[x], part["score × finetuned"], yerr=[part["score × finetuned"] - part["low"], part["high"] - part["score × finetuned"]],
+                          fmt="o", color=colour, ecolor="tab:gray", capsize=2, markersize=5, label=name)
+        line = points.loc[list(fronts[x])].sort_values(x)
+        axes.plot(line[x], line["score × finetuned"], color="tab:green", alpha=0.6, label="Pareto front")
+        axes.scatter(paper_points[x], paper_points["score × finetuned"], marker="s", color="black", label="paper, Table 4 (ratios to its original)")
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+        _label_points(figure, axes, list(points.index) + list(paper_points.index), list(points[x]) + list(paper_points[x]),
+                      list(points["score × finetuned"]) + list(paper_points["score × finetuned"]))
+    panels[0].set_ylabel("score × finetuned")
+    panels[0].legend(fontsize=8, loc="lower right")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+

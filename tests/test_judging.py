@@ -367,3 +367,29 @@ def test_rating_keys_that_differ_only_in_case_and_agree_give_the_rating():
     from medcomp.replies import parse_rating
 
     assert parse_rating('{"Rating": 3, "rating": 3}').rating == 3
+
+
+def test_this_packages_claims_compare_at_the_same_bytes_and_against_95_percent_of_the_source():
+    from medcomp import claims, paper
+    from medcomp.runs import Variant
+    from medcomp.scoring import VariantScore
+
+    variants = _registry() | {n: Variant(n, "08_beyond", f"/m/{n}", "finetuned-awq", (), 4) for n in ("finetuned-awq-qalora", "recovered-7-awq-qalora")}
+    rows = tables.paper_rows(variants, [(0.0, 0), (7 / 32, 7)])
+    listed = claims.beyond_claims(rows, variants)
+    assert [(c.better, c.worse, c.factor) for c in listed] == [
+        ("finetuned-awq-qalora", "finetuned-awq", 1.0), ("finetuned-awq-qalora", "finetuned", 0.95),
+        ("recovered-7-awq-qalora", "recovered-7-awq", 1.0), ("recovered-7-awq-qalora", "recovered-7", 0.95)]
+    items = [f"i{k}" for k in range(60)]
+    score = lambda name, rating: VariantScore(name, {k: rating for k in items}, 0, 0, {})  # noqa: E731
+    # all 4s against all 4s: equal, but 4 > 0.95 × 4 (holds); all 3s: 3 < 3.8 (does not hold); 0.75 × 4 = 3 against 3: noise
+    scores = {"finetuned": score("finetuned", 4), "finetuned-awq-qalora": score("finetuned-awq-qalora", 4), "finetuned-awq": score("finetuned-awq", 4),
+              "recovered-7": score("recovered-7", 4), "recovered-7-awq-qalora": score("recovered-7-awq-qalora", 3), "recovered-7-awq": score("recovered-7-awq", 3)}
+    table = claims.verdicts(listed, scores, 200, 0)
+    verdict = {(c.better, c.worse): v for c, v in zip(listed, table["verdict"])}
+    assert verdict[("finetuned-awq-qalora", "finetuned")] == "holds"
+    assert verdict[("recovered-7-awq-qalora", "recovered-7")] == "does not hold"
+    assert verdict[("finetuned-awq-qalora", "finetuned-awq")] == verdict[("recovered-7-awq-qalora", "recovered-7-awq")] == "within noise"
+    ratios = tables.paper_frontier(paper.TABLE_4)
+    assert ratios.loc["Prune + SFT + Quant", "score × finetuned"] == pytest.approx(54.25 / 80.12)
+    assert ratios.loc["Prune + SFT + Quant", "model MB × finetuned"] == pytest.approx(3.9 / 13.4)
