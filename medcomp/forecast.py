@@ -41,9 +41,9 @@ def disk_plan(params, shape: ModelShape) -> list[tuple[str, str, int, str]]:
     rows += [("05_quantize", f"{method} 4-bit, {count} removed", weight_bytes(shape, 4, count, q.group_size, method="nf4" if method == "bnb" else method), models)
              for method, count in dict.fromkeys(cells)]
     b = params.beyond  # int4 with float offsets: AWQ's bytes (an fp32 offset per group in place of a packed zero: within 1 %)
-    rows += [("08_beyond", f"{method} on the {b.grid} grid, {count} removed (int4)", weight_bytes(shape, 4, count, q.group_size, method="awq")
+    rows += [("08_beyond", f"{method}{'' if method == 'GPTQ' else f' on the {b.grid} grid'}, {count} removed (int4)", weight_bytes(shape, 4, count, q.group_size, method="awq")
               + (adapter(b.recipe or params.recovery.finetune, count) if method == "LoRA" else 0), models)
-             for method, wanted in (("QA-LoRA", b.qalora), ("LoRA", b.lora_on_grid)) if wanted for count in [0, *recovered[:1]]]
+             for method, wanted in (("GPTQ", b.gptq), ("QA-LoRA", b.qalora), ("LoRA", b.lora_on_grid)) if wanted for count in [0, *recovered[:1]]]
     return rows
 
 

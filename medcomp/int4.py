@@ -13,7 +13,7 @@ the fold would round; torchao's CPU int4 format (0.18) is a prototype that ``sav
 transformers 5.23 answers HQQ with "not available yet". So the packed nibbles, scales and offsets are saved
 with safetensors beside the LLaVA config and processor, and ``load_int4`` rebuilds the model (tested: the
 same logits after a reload). AWQ's ``(q − z)·s`` is ``m = −z·s``, exact in fp32 for fp16 scales, so 05's AWQ
-and RTN checkpoints convert losslessly (``from_awq_checkpoint``; the unpacking is GPTQModel's own).
+and RTN checkpoints, and GPTQ's, convert losslessly (``from_quantized_checkpoint``; AWQ's unpacking is GPTQModel's own).
 
 Serving: on the CPU through ATen's ``_weight_int4pack_mm_for_cpu`` in bf16, the kernel GPTQModel's
 ``torch_fused_awq`` layer serves 05's AWQ models with (tinygemm's convention is ``(q − 8)·s + zero``, so
@@ -132,6 +132,24 @@ class Int4Linear(nn.Module):
 
         codes, zeros = reverse_awq_order(*unpack_awq(qweight, qzeros, BITS), BITS)
         codes, zeros = codes & 15, zeros & 15  # (in, out), (groups, out)
+        scale = scales.float().t()
+        layer = cls(codes.shape[0], codes.shape[1], group_size, bias is not None)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer.set_codes(codes.t(), scale, -zeros.float().t() * scale)
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                  g_idx: torch.Tensor | None = None, zero_offset: int = 1) -> "Int4Linear":
+        """From GPTQ tensors: ``qweight`` (in/8, out) packs 8 input rows per int32, ``qzeros`` (groups, out/8) 8 output
+        columns; GPTQ's v1 checkpoint format stores each zero-point minus one (``zero_offset`` 1; 0 for v2). Only the
+        natural group order (``desc_act: false``) maps onto per-group offsets."""
+        shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
+        codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, qweight.shape[1])  # (in, out)
+        zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15).reshape(qzeros.shape[0], -1)[:, :scales.shape[1]] + zero_offset
+        natural = torch.arange(codes.shape[0]) // group_size
+        if g_idx is not None and not torch.equal(g_idx.long().cpu(), natural):
+            raise ValueError("GPTQ with act-order (desc_act) reorders the groups: quantize with desc_act=False")
         scale = scales.float().t()
         layer = cls(codes.shape[0], codes.shape[1], group_size, bias is not None)
         if bias is not None:
@@ -257,27 +275,35 @@ def _fill(model, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str
     return model.to(device).eval()
 
 
-def from_awq_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """05's AWQ/RTN GEMM checkpoint as an int4 model: the same 4-bit grid, codes and scales, with float offsets."""
+def from_quantized_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """A GPTQModel checkpoint (05's AWQ/RTN in GEMM format, or GPTQ's own) as an int4 model: the same 4-bit grid,
+    codes and scales, with float offsets. Lossless: AWQ's and GPTQ's ``(q − z)·s`` is ``q·s + m`` with ``m = −z·s``."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     quantization = getattr(config, "quantization_config", None) or {}
-    group_size = int(quantization["group_size"])
+    group_size, method = int(quantization["group_size"]), str(quantization.get("quant_method"))
+    version = str(quantization.get("checkpoint_format", quantization.get("format", "gptq")))
+    if method not in ("awq", "gptq"):
+        raise ValueError(f"{path}: quant_method {method!r} is neither AWQ nor GPTQ")
     del config.quantization_config
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
     model = _skeleton(config)
     for name in _decoder_linear_names(model):
-        linear = Int4Linear.from_awq(state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales"), group_size,
-                                     state.pop(f"{name}.bias", None))
+        tensors = [state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales")]
+        bias = state.pop(f"{name}.bias", None)
+        if method == "awq":
+            linear = Int4Linear.from_awq(*tensors, group_size, bias)
+        else:
+            linear = Int4Linear.from_gptq(*tensors, group_size, bias, state.pop(f"{name}.g_idx", None), zero_offset=0 if version == "gptq_v2" else 1)
         _replace(model, name, linear)
         for key, value in linear.state_dict().items():
             state[f"{name}.{key}"] = value
-    model.config.medcomp_int4 = {"format": FORMAT, "bits": BITS, "group_size": group_size, "from": str(quantization.get("quant_method"))}
+    model.config.medcomp_int4 = {"format": FORMAT, "bits": BITS, "group_size": group_size, "from": method}
     return _fill(model, state, getattr(torch, dtype), device)
 
 
@@ -307,7 +333,7 @@ def save_int4(model, processor, directory: Path | str, write_id: str | None = No
     from medcomp.files import atomic_directory
 
     if not getattr(model.config, "medcomp_int4", None):
-        raise ValueError("not an int4 model (config.medcomp_int4 missing): build it with from_awq_checkpoint")
+        raise ValueError("not an int4 model (config.medcomp_int4 missing): build it with from_quantized_checkpoint or round_to_nearest")
     adapters = [name for name, m in int4_linears(model) if m.adapter is not None]
     model.config.medcomp_int4 = {**model.config.medcomp_int4, "unmerged adapters": len(adapters)}
     with atomic_directory(Path(directory), write_id) as staging:

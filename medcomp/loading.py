@@ -326,7 +326,7 @@ def load_variant(variant, dtype: str = "float32", device: str = "cpu"):
     every kind onto ``device``, in the dtype it is served in there (``serving_dtype``)."""
     kind = variant.extra.get("format")
     dtype = serving_dtype(kind, dtype, device)
-    if kind == "int4":
+    if kind in ("int4", "gptq"):  # GPTQ is stored as int4 (medcomp.quantizers.quantize_gptq)
         model = load_int4(variant.path, dtype, device)
         assert_decoder_quantized(model)
         return model

@@ -210,6 +210,7 @@ class BeyondParams(Strict):
     """08_beyond: 4-bit models that keep the finetune, for the finetuned model and the first recovered level
     (issue 31; docs/beyond.md). Adapters train on 05's ``grid`` checkpoint of each with ``recipe``."""
     grid: Literal["awq", "rtn"] = Field("awq", description="05's 4-bit checkpoint the adapters train against (it must be in quantization.finetuned/recovered)")
+    gptq: bool = Field(True, description="GPTQ (GPTQModel, group size 64, natural order), stored as int4: the other standard 4-bit method")
     qalora: bool = Field(True, description="QA-LoRA: group-pooled adapter, folded exactly into the 4-bit offsets (no adapter served)")
     lora_on_grid: bool = Field(True, description="an ordinary LoRA trained against the 4-bit grid, served unmerged")
     qlora_deployment: bool = Field(True, description="the nf4 base as trained on + the unmerged adapter (keeps the finetune)")

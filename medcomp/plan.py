@@ -290,6 +290,11 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                             "4-bit layers done so far": weight_bytes(shape, 4) - weight_bytes(shape, 4, shape.layers)},
                            1, awq_models * shape.layers * T4_AWQ_SECONDS_PER_LAYER + awq_models * answering(q_batch, evaluation.max_new_tokens, answers),
                            f"{awq_models} quantized models x {shape.layers} layers at an assumed {T4_AWQ_SECONDS_PER_LAYER:.0f} s a layer, plus their answers"))
+    if params.beyond.gptq:  # 08's GPTQ: GPTQModel's layer-by-layer loop, as the AWQ search, plus the Hessian of the widest input
+        searched = 1 + bool(recovered)
+        plans.append(replace(plans[-1], stage="08_beyond", step="GPTQ (GPTQModel, layer by layer)", seconds=searched * plans[-1].seconds / max(awq_models, 1),
+                             terms={**plans[-1].terms, "GPTQ Hessian of the widest input (fp32)": 4 * shape.intermediate ** 2},
+                             how=f"{searched} models x {shape.layers} layers at the AWQ rate, plus their answers"))
     plans.append(on(StagePlan("05_quantize", f"answering with a 4-bit model ({T4_AWQ_KERNEL} kernel on a T4)",
                               generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch, 0.0, "counted in the AWQ row"), bits=4))
     b, grid_trainings = params.beyond, (params.beyond.qalora + params.beyond.lora_on_grid) * (1 + bool(recovered))

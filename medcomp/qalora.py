@@ -24,7 +24,7 @@ import torch
 
 from medcomp.data import VQAExample
 from medcomp.encoding import LeftPadCollator, VQATrainingSet
-from medcomp.int4 import attach_adapters, fold_adapters, from_awq_checkpoint, is_int4_checkpoint, load_int4, set_exact
+from medcomp.int4 import attach_adapters, fold_adapters, from_quantized_checkpoint, is_int4_checkpoint, load_int4, set_exact
 from medcomp.loading import checkpoint_identity, load_processor, to_model
 from medcomp.params import FinetuneParams
 from medcomp.training import train_prepared
@@ -41,7 +41,7 @@ class GridTraining:
 
 def load_grid(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """A 4-bit grid to train on: a saved int4 model, or 05's AWQ/RTN GEMM checkpoint converted losslessly."""
-    return load_int4(path, dtype, device) if is_int4_checkpoint(path) else from_awq_checkpoint(path, dtype, device)
+    return load_int4(path, dtype, device) if is_int4_checkpoint(path) else from_quantized_checkpoint(path, dtype, device)
 
 
 def train_on_grid(grid: str | Path, processor_source: str, device: str, train_examples: Sequence[VQAExample], params: FinetuneParams,

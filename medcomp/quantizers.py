@@ -25,6 +25,7 @@ import torch
 
 from medcomp.calibration import check_finite_activations, describe_conversation, with_images_loaded
 from medcomp.files import atomic_directory, atomic_write_json
+from medcomp.int4 import from_quantized_checkpoint, save_int4
 from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly, load_llava, load_processor, release_accelerator_memory
 
 
@@ -37,8 +38,12 @@ def search_dtype(device) -> torch.dtype:
     return torch.float16
 
 
-def _gptqmodel_quantize(source: str, target: Path, config, conversations) -> float:
-    """Run GPTQModel in this process (``quantize`` runs it in a child process; see there)."""
+def _gptqmodel_quantize(source: str, target: Path, config, conversations, as_int4: bool = False) -> float:
+    """Run GPTQModel in this process (``quantize`` runs it in a child process; see there). AWQ and RTN are saved
+    in AWQ's GEMM format; GPTQ in its own, converted losslessly into ``medcomp.int4`` (transformers loads GPTQ
+    only through optimum, which this project does not install; the int4 format serves on the same kernel as AWQ)."""
+    import tempfile
+
     import_gptqmodel_quietly()
     from gptqmodel import GPTQModel
 
@@ -46,6 +51,12 @@ def _gptqmodel_quantize(source: str, target: Path, config, conversations) -> flo
     model = GPTQModel.load(source, config, dtype=search_dtype(config.device))
     model.quantize(with_images_loaded(conversations), batch_size=1)
     seconds = time.perf_counter() - started
+    if as_int4:
+        with tempfile.TemporaryDirectory(dir=Path(target).parent) as scratch:
+            model.save(scratch)
+            del model
+            save_int4(from_quantized_checkpoint(scratch, "float32"), load_processor(source), target)
+        return seconds
     with atomic_directory(target) as staging:
         model.save(str(staging))
         _record_as_awq_gemm(staging)
@@ -113,6 +124,16 @@ def quantize_rtn(source: str, target: Path, conversations, group_size: int = 64,
     return _gptqmodel_quantize(source, target, config, conversations[:1])
 
 
+def quantize_gptq(source: str, target: Path, conversations, group_size: int = 64, bits: int = 4, device: str = "cpu") -> float:
+    """GPTQ (GPTQModel): error-compensating rounding, column by column, asymmetric, groups in natural order
+    (``desc_act=False``, so each group has one scale and zero, as AWQ's); stored as ``medcomp.int4``."""
+    from gptqmodel import GPTQConfig
+    from gptqmodel.quantization import FORMAT
+
+    config = GPTQConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, format=FORMAT.GPTQ, offload_to_disk=False, device=device)
+    return _gptqmodel_quantize(source, target, config, conversations, as_int4=True)
+
+
 def quantize_bnb(source: str, target: Path, compute_dtype: str = "float32") -> float:
     """bitsandbytes nf4 (blocks of 64, as QLoRA's), quantized at load and saved 4-bit."""
     started = time.perf_counter()
@@ -124,7 +145,7 @@ def quantize_bnb(source: str, target: Path, compute_dtype: str = "float32") -> f
     return seconds
 
 
-QUANTIZERS = {"awq": quantize_awq, "rtn": quantize_rtn}
+QUANTIZERS = {"awq": quantize_awq, "rtn": quantize_rtn, "gptq": quantize_gptq}
 
 
 @dataclass(frozen=True)
@@ -140,7 +161,7 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
     """Quantize ``source`` into ``target`` by ``method`` unless ``target`` already holds exactly that
     (same method, group size, calibration and source checkpoint): an interrupted stage resumes."""
     record = {"method": method, "group_size": group_size, "source_identity": [list(i) for i in checkpoint_identity(source)],
-              "calibration": [describe_conversation(c) for c in conversations] if method == "awq" else []}
+              "calibration": [describe_conversation(c) for c in conversations] if method in ("awq", "gptq") else []}
     saved = Path(target) / RECORD  # the source by identity, not path: a moved run folder still matches
     if saved.exists():
         previous = json.loads(saved.read_text())
@@ -149,12 +170,12 @@ def quantize(method: str, source: str, target: Path, conversations, group_size: 
     if method == "bnb":
         seconds = quantize_bnb(source, Path(target), compute_dtype)
     elif method in QUANTIZERS:
-        if method == "awq":
+        if method in ("awq", "gptq"):
             check_finite_activations(source, conversations, compute_dtype, device)
         release_accelerator_memory()  # the child needs the GPU this process may still hold
         seconds = _quantize_in_child(method, source, Path(target), conversations, group_size, device)
     else:
-        raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, bnb")
+        raise ValueError(f"unknown quantization method {method!r}; known: awq, rtn, gptq, bnb")
     atomic_write_json(saved, {**record, "seconds": seconds})
     return QuantizedCheckpoint(Path(target), method, seconds, False)
 

@@ -80,7 +80,8 @@ def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, i
     pruned = by_depth[0].parent if by_depth else None
     table_4 = [("Original LLaVA", "finetuned"), ("Pruning Only", pruned), ("Pruning and SFT", first), ("Quantization Only", "finetuned-awq"),
                ("Prune + Quant", f"{pruned}-awq"), ("Prune + SFT + Quant", f"{first}-awq")]
-    beyond = [("Quantization Only, QA-LoRA folded into 4 bits (08)", "finetuned-awq-qalora"), ("Quantization Only, LoRA on the 4-bit grid (08)", "finetuned-awq-lora"),
+    beyond = [("Quantization Only, GPTQ (08)", "finetuned-gptq"), ("Prune + SFT + Quant, GPTQ (08)", f"{first}-gptq"),
+              ("Quantization Only, QA-LoRA folded into 4 bits (08)", "finetuned-awq-qalora"), ("Quantization Only, LoRA on the 4-bit grid (08)", "finetuned-awq-lora"),
               ("QLoRA deployment: nf4 base + unmerged adapter (08)", "finetuned-qlora"),
               ("Prune + SFT + Quant, QA-LoRA folded into 4 bits (08)", f"{first}-awq-qalora"), ("Prune + SFT + Quant, LoRA on the 4-bit grid (08)", f"{first}-awq-lora"),
               ("Prune + SFT, QLoRA deployment (08)", f"{first}-qlora")]

@@ -165,7 +165,7 @@ def test_the_plan_covers_every_cell_of_tables_3_to_5():
 
     registered = {**variants, **{n: Variant(n, "05_quantize", "p") for n in names}}
     steps = beyond.beyond_plan(BeyondParams(), registered, ["recovered-7", "recovered-9", "recovered-7-magnitude"])
-    assert [(s.name, s.grid) for s in steps] == [
+    assert [(s.name, s.grid) for s in steps] == [("finetuned-gptq", None), ("recovered-7-gptq", None),
         ("finetuned-awq-qalora", "finetuned-awq"), ("recovered-7-awq-qalora", "recovered-7-awq"),  # the pipeline model: the first level only
         ("finetuned-awq-lora", "finetuned-awq"), ("recovered-7-awq-lora", "recovered-7-awq"), ("finetuned-qlora", None), ("recovered-7-qlora", None)]
     with pytest.raises(ValueError, match=r"'finetuned-rtn', which 05 did not build: add 'rtn' to quantization.finetuned"):
@@ -259,3 +259,27 @@ def test_row_dropping_answers_equal_generate_on_every_kind_of_4bit_model(outlier
         generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=sorted(ends))[:, start:].tolist()
         expected = [row[: next((i + 1 for i, t in enumerate(row) if t in ends), len(row))] for row in generated]
         assert greedy_tokens(model, inputs, 8, ends) == expected, kind
+
+
+@pytest.mark.slow
+def test_gptq_stores_as_int4_and_compensates_rounding_better_than_rtn(outlier_model, outlier_checkpoints, conversations, tmp_path):
+    """GPTQ (GPTQModel, group size 64, natural order) converted into medcomp.int4: every decoder linear within a
+    4-bit step of the original (a zero-point read off by one, GPTQ's v1 offset, moves every weight by a whole step),
+    and layer 0's q_proj outputs on the calibration data closer to the original's than RTN's (what GPTQ minimises);
+    converting 05's RTN checkpoint the same way serves the same function as GPTQModel's own kernel."""
+    from medcomp import int4
+
+    checkpoint = quantizers.quantize("gptq", str(outlier_model), tmp_path / "gptq", conversations)
+    assert int4.is_int4_checkpoint(checkpoint.path)
+    gptq = loading.load_variant(type("V", (), {"extra": {"format": "gptq"}, "path": str(checkpoint.path)})())
+    reference = load_llava(str(outlier_model))
+    errors = relative_errors(gptq, reference)
+    assert len(errors) == 4 * 7 and 1e-4 < max(errors.values()) < 0.2, errors
+    processor = load_processor(str(outlier_model))
+    truth = calibration.calibration_activations(reference, processor, conversations, 0)["q_proj_output"]
+    rtn = int4.from_quantized_checkpoint(outlier_checkpoints["rtn"])
+    output = {name: calibration.calibration_activations(model, processor, conversations, 0)["q_proj_output"] for name, model in (("gptq", gptq), ("rtn", rtn))}
+    error = {name: float((value - truth).norm() / truth.norm()) for name, value in output.items()}
+    assert error["gptq"] < error["rtn"], error
+    served = calibration.calibration_activations(loading.load_quantized(outlier_checkpoints["rtn"]), processor, conversations, 0)["q_proj_output"]
+    assert float((output["rtn"] - served).norm() / served.norm()) < 1e-2  # the int4 conversion is GPTQModel's function, to bf16

@@ -167,8 +167,10 @@ def test_every_kaggle_t4_stage_plans_within_a_t4():
     assert [p.stage for p in plans if p.stage.startswith(("05", "06", "07", "08"))][-4:] == ["05_quantize", "08_beyond", "06_benchmark", "07_judge"]
     assert {p.stage for p in plans} == {f"0{i}_{s}" for i, s in enumerate(
         ["finetune", "layer_importance", "prune", "sft_pruned", "quantize", "benchmark", "judge", "beyond"], start=1)}
-    grid = next(p for p in plans if p.stage == "08_beyond")  # QA-LoRA on the int4 grid: the nf4 SFT's terms with AWQ's bytes and one dense linear
+    grid = next(p for p in plans if p.stage == "08_beyond" and p.step.startswith("adapters"))  # the nf4 SFT's terms, AWQ's bytes, one dense linear
     assert grid.terms["one linear dequantized (fp16)"] == 2 * 4096 * 11008 and 4 < grid.peak_bytes / plan.GIB < 8
+    gptq = next(p for p in plans if p.stage == "08_beyond" and p.step.startswith("GPTQ"))
+    assert gptq.terms["GPTQ Hessian of the widest input (fp32)"] == 4 * 11008 ** 2
     over = [(p.stage, p.step, round(p.peak_bytes / plan.GIB, 2)) for p in plans if not p.fits()]
     assert not over, over
     assert params.evaluation.batch_size == plan.auto_batch_size(shape, params.evaluation.max_new_tokens) < 8  # batch 8 would need 16.6 GiB

@@ -3,6 +3,7 @@
 08 runs after 05 and before 06 and 07, so that 06 measures its variants and 07 scores them beside the
 paper's, with the same benchmark round and the same judge; 07 draws the frontier and counts this package's
 claims. For the finetuned model and the first recovered level (the paper's pipeline model) it builds:
+- ``<source>-gptq``: GPTQ (GPTQModel), the standard 4-bit method the paper's Table 3 lacks, stored as int4;
 - ``<source>-<grid>-qalora``: QA-LoRA trained against 05's 4-bit checkpoint of the source (``grid``),
   folded exactly into its offsets: a plain 4-bit model (``medcomp.qalora``, ``medcomp.int4``);
 - ``<source>-<grid>-lora``: an ordinary LoRA trained against the same grid, served unmerged;
@@ -31,7 +32,7 @@ from medcomp.stages.quantize import QuantizationStep, build_quantized, recover_o
 @dataclass(frozen=True)
 class BeyondStep:
     source: str  # finetuned, or the first recovered level
-    method: str  # qalora, lora (on the grid), qlora
+    method: str  # gptq, qalora, lora (on the grid), qlora
     role: str  # finetuned, recovered
     grid: str | None = None  # 05's 4-bit variant the adapters train on
 
@@ -46,7 +47,7 @@ def beyond_plan(settings, variants: dict[str, Any], recovered: Sequence[str]) ->
         raise ValueError("no 'finetuned' variant registered: run 01_finetune first")
     by_depth = [name for name in recovered if not name.endswith("-magnitude")]
     sources = [("finetuned", "finetuned"), *[(name, "recovered") for name in by_depth[:1]]]
-    steps = []
+    steps = [BeyondStep(source, "gptq", role) for source, role in sources] if settings.gptq else []
     for method, wanted in (("qalora", settings.qalora), ("lora", settings.lora_on_grid)):
         for source, role in sources if wanted else []:
             grid = f"{source}-{settings.grid}"
@@ -101,13 +102,14 @@ def build_on_grid(run, stage: str, step: BeyondStep, train_examples, test_exampl
     return result
 
 
-def build_all(run, stage: str, plan: Sequence[BeyondStep], settings, train_examples, test_examples, recipe, dtype: str, device: str,
-              group_size: int, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Every step of the plan, then quantize-then-recover for each method asked; one result per variant."""
+def build_all(run, stage: str, plan: Sequence[BeyondStep], settings, conversations, train_examples, test_examples, recipe, dtype: str,
+              device: str, group_size: int, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Every step of the plan, then quantize-then-recover for each method asked; one result per variant.
+    ``conversations``: GPTQ's calibration data (05's AWQ calibration set)."""
     results = []
     for step in plan:
-        if step.method == "qlora":
-            result = build_quantized(run, stage, QuantizationStep(step.source, "qlora", step.role), [], test_examples, dtype, device,
+        if step.method in ("qlora", "gptq"):  # 05's build: quantize (GPTQ) or reuse the adapter (QLoRA), reload, answer, register
+            result = build_quantized(run, stage, QuantizationStep(step.source, step.method, step.role), conversations, test_examples, dtype, device,
                                      group_size, max_new_tokens, batch_size)
             result |= {"SFT seconds": 0.0, "grid": None}
         else:

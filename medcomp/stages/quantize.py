@@ -25,7 +25,7 @@ from medcomp.weight_analysis import finetune_survival
 @dataclass(frozen=True)
 class QuantizationStep:
     source: str  # the variant quantized
-    method: str  # awq, rtn, bnb, or qlora (nf4 base as trained on + unmerged adapter)
+    method: str  # awq, rtn, bnb, gptq (08's), or qlora (nf4 base as trained on + unmerged adapter; 08's)
     role: str  # finetuned, pruned, recovered, recovered_magnitude
 
     @property
@@ -66,7 +66,7 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
     else:
         checkpoint = quantize(step.method, source.path, run.model_dir(stage, step.name), conversations, group_size, dtype, device)
         path, seconds, reused = checkpoint.path, checkpoint.seconds, checkpoint.reused and run.has_answers(step.name)
-        extra = {"format": step.method}
+        extra = {"format": "int4" if step.method == "gptq" else step.method}
     variant = Variant(name=step.name, stage=stage, path=str(path), parent=source.name, layers_removed=source.layers_removed, bits=4,
                       parameters=source.parameters, notes=f"{step.method} 4-bit of {source.name}",
                       extra={**extra, "group_size": group_size, "quantize seconds": round(seconds, 1), "role": step.role,
