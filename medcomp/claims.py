@@ -53,6 +53,11 @@ def beyond_claims(rows: PaperRows, variants: dict[str, Any], keep: float = 0.95)
                          folded, f"{source}-awq", "not in the paper: its 4-bit models merge, then round"),
                    Claim(f"(this package) QA-LoRA folded into 4 bits keeps ≥ {keep:.0%} of the unquantized model's score ({folded} vs {source})",
                          folded, source or "", f"the paper's {paper_name} keeps {_paper_ratio(paper_name):.2f}× of its source", keep)]
+    first = rows.first_recovered
+    claims += [Claim(f"(this package) distillation beats SFT recovery ({first}{suffix} vs {first})", f"{first}{suffix}", first or "",
+                     "not in the paper; Minitron found distillation better than SFT") for suffix in ("-kd", "-kd50")]
+    claims.append(Claim(f"(this package) distilled into 4 bits keeps ≥ {keep:.0%} of the unquantized pipeline model's score ({first}-awq-qalora-kd vs {first})",
+                        f"{first}-awq-qalora-kd", first or "", f"the paper's Prune + SFT + Quant keeps {_paper_ratio('Prune + SFT + Quant'):.2f}× of its Pruning and SFT", keep))
     return [c for c in claims if c.better in variants and c.worse in variants]
 
 

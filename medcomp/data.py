@@ -46,7 +46,8 @@ class DermnetScan:
         frame = pd.DataFrame([vars(image) for image in self.images], columns=["path", "disease", "split"])
         diseases = sorted({rule["disease"] for rule in DERMNET_FOLDER_RULES} | set(frame["disease"]))
         table = frame.groupby(["disease", "split"]).size().unstack(fill_value=0)
-        return table.reindex(index=diseases, columns=["train", "test"], fill_value=0)
+        splits = ["train", "test"] + (["validation"] if "validation" in set(frame["split"]) else [])
+        return table.reindex(index=diseases, columns=splits, fill_value=0)
 
     def skipped_table(self) -> pd.DataFrame:
         return pd.DataFrame(self.skipped, columns=["path", "reason"])
@@ -239,6 +240,9 @@ class PreparedDataset:
     test_images: list[LabelledImage]
     train: list[VQAExample]
     test: list[VQAExample]
+    validation_images: list[LabelledImage] = field(default_factory=list)
+    validation: list[VQAExample] = field(default_factory=list)  # for choosing recipes (08); never the test set
+    validation_dropped: int = 0  # validation images whose pixels a train or test image repeats
 
     def split_counts(self) -> pd.DataFrame:
         """Images used per disease in this run (after sampling), next to what the root holds."""
@@ -254,7 +258,32 @@ class PreparedDataset:
 def synthetic_root(params: "Params") -> Path:
     from medcomp.files import content_hash
 
-    return params.runtime.cache_path() / "datasets" / f"dermnet-synthetic-{content_hash(params.data.synthetic.model_dump())}"
+    key = params.data.synthetic.model_dump() | ({"validation_per_disease": n} if (n := params.data.validation_per_disease) else {})
+    return params.runtime.cache_path() / "datasets" / f"dermnet-synthetic-{content_hash(key)}"
+
+
+def pixel_hash(path: str) -> str:
+    """A hash of an image's decoded pixels: two files of the same picture match whatever their names or encodings."""
+    import hashlib
+
+    return hashlib.sha256(load_rgb(path).tobytes()).hexdigest()
+
+
+def validation_split(scan: DermnetScan, train: list[LabelledImage], test: list[LabelledImage], per_disease: int,
+                     seed: int) -> tuple[list[LabelledImage], list[LabelledImage], int]:
+    """(validation, train, dropped): ``per_disease`` images of the root's ``validation/`` split if it has one, else held
+    out of ``train`` (seeded, so train shrinks by them); any whose pixels a train or test image repeats is dropped."""
+    if per_disease == 0:
+        return [], train, 0
+    if any(image.split == "validation" for image in scan.images):
+        chosen = select_split(scan.images, "validation", per_disease=per_disease, seed=seed)
+    else:
+        chosen = select_split(train, "train", per_disease=per_disease, seed=seed + 1)
+        held_out = {image.path for image in chosen}
+        train = [image for image in train if image.path not in held_out]
+    seen = {pixel_hash(image.path) for image in [*train, *test]}
+    kept = [image for image in chosen if pixel_hash(image.path) not in seen]
+    return kept, train, len(chosen) - len(kept)
 
 
 def check_layout(params: "Params") -> None:
@@ -289,11 +318,15 @@ def prepare_dataset(params: "Params") -> PreparedDataset:
         from medcomp.files import build_once
 
         root = synthetic_root(params)
-        build_once(root, lambda p: (p / "test").is_dir(), lambda: generate_dermnet_like(root, **data.synthetic.model_dump()))
+        build_once(root, lambda p: (p / "test").is_dir(), lambda: generate_dermnet_like(root, **data.synthetic.model_dump(),
+                                                                                          validation_per_disease=data.validation_per_disease))
     else:
         root = Path(data.root).expanduser()
     rules = [rule.model_dump() for rule in data.folder_rules] if data.folder_rules else DERMNET_FOLDER_RULES
-    scan = scan_dermnet(root, data.diseases, rules)
+    splits = ("train", "test", "validation") if (root / "validation").is_dir() and data.validation_per_disease else ("train", "test")
+    scan = scan_dermnet(root, data.diseases, rules, splits)
     train_images = select_split(scan.images, "train", per_disease=data.max_train_images_per_disease, seed=params.seed)
     test_images = select_split(scan.images, "test", total=data.test_images, seed=params.seed)
-    return PreparedDataset(root, scan, train_images, test_images, build_conversations(train_images), build_conversations(test_images))
+    validation, train_images, dropped = validation_split(scan, train_images, test_images, data.validation_per_disease, params.seed)
+    return PreparedDataset(root, scan, train_images, test_images, build_conversations(train_images), build_conversations(test_images),
+                           validation, build_conversations(validation), dropped)

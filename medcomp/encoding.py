@@ -74,15 +74,20 @@ def _shared_prefix(whole: torch.Tensor, prefix: torch.Tensor) -> int:
 
 
 class VQATrainingSet(Dataset):
-    def __init__(self, processor, examples: Sequence[VQAExample | VQAConversation]):
+    """``with_index``: each row also carries its position in ``examples`` (distillation looks up the teacher's
+    cached outputs by it)."""
+
+    def __init__(self, processor, examples: Sequence[VQAExample | VQAConversation], with_index: bool = False):
         self.processor = processor
         self.examples = list(examples)
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return encode_for_training(self.processor, self.examples[index])
+        row = encode_for_training(self.processor, self.examples[index])
+        return row | {"example_index": torch.tensor(index)} if self.with_index else row
 
 
 @dataclass
@@ -108,6 +113,7 @@ class LeftPadCollator:
             "labels": labels,
             "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
             "answer_span": length - int(first_label.min()) + 1,
+            **({"example_index": torch.stack([row["example_index"] for row in rows])} if "example_index" in rows[0] else {}),
         }
 
 

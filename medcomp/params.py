@@ -81,6 +81,8 @@ class DataParams(Strict):
     folder_rules: tuple[FolderRule, ...] | None = None
     max_train_images_per_disease: int | None = Field(None, ge=1)
     test_images: int = Field(39, ge=1, le=10000)
+    validation_per_disease: int = Field(0, ge=0, le=1000, description="validation images per disease, pixel-disjoint from train and test: "
+                                        "root/validation/ if present, else held out of train (seeded); synthetic roots draw them after test")
     synthetic: SyntheticDataParams = SyntheticDataParams()
 
     @model_validator(mode="after")
@@ -162,12 +164,8 @@ class PruningParams(Strict):
 
 
 class RecoveryParams(Strict):
-    """04_sft_pruned: QLoRA SFT of pruned models on the same training conversations (paper section 3.3).
-
-    ``levels`` are fractions of the depth, as in ``pruning.levels``; the paper recovers its "5.6B" and
-    "5.2B" models, 7 and 9 of 32 blocks removed (Table 2). The magnitude-pruned model of 03 goes
-    through the same recovery (Table 5's baseline) when ``magnitude`` is true.
-    """
+    """04_sft_pruned: QLoRA SFT of pruned models (section 3.3). ``levels``: fractions of the depth (Table 2: 7 and 9 of
+    32 removed); ``magnitude``: 03's magnitude-pruned model recovered too (Table 5's baseline)."""
     levels: tuple[float, ...] = Field((7 / 32, 9 / 32), min_length=1, description="pruning levels to recover, fractions of the depth")
     magnitude: bool = True
     finetune: FinetuneParams = FinetuneParams(lora=LoraParams(r=16, alpha=8))
@@ -183,13 +181,9 @@ QuantizationMethod = Literal["awq", "rtn", "bnb"]
 
 
 class QuantizationParams(Strict):
-    """05_quantize: 4-bit weight-only PTQ of the decoder layers (paper section 3.4), per model role.
-
-    Roles: ``finetuned`` (01's model), ``pruned`` (the first recovery level before its SFT: Table 4's
-    "Prune + Quant"), ``recovered`` (every model of 04 but the magnitude baseline), ``pipeline_ablations``
-    (the first recovered level, the paper's pipeline model, only), ``recovered_magnitude`` (04's
-    magnitude baseline, Table 5). The defaults cover every cell of the paper's Tables 3, 4 and 5.
-    """
+    """05_quantize: 4-bit PTQ of the decoder (section 3.4) per role: ``finetuned``, ``pruned`` (the first recovery level
+    before SFT), ``recovered`` (04's but the magnitude baseline), ``pipeline_ablations`` (the first recovered level
+    only), ``recovered_magnitude`` (Table 5). The defaults cover every cell of Tables 3, 4 and 5."""
     group_size: int = Field(64, description="paper: 64 for every method")
     calibration_size: int = Field(8, ge=1, le=4096, description="AWQ calibration conversations from the training set (seeded), images included")
     finetuned: tuple[QuantizationMethod, ...] = ("awq", "bnb")
@@ -216,6 +210,11 @@ class BeyondParams(Strict):
     qlora_deployment: bool = Field(True, description="the nf4 base as trained on + the unmerged adapter (keeps the finetune)")
     quantize_then_recover: tuple[Literal["awq", "rtn"], ...] = Field((), description="04's recovery SFT through peft's AWQ layers on the 4-bit pruned model (slow)")
     recipe: FinetuneParams | None = Field(None, description="the adapters' training; None = recovery.finetune (04's recipe, unchanged)")
+    distill_from: str | None = Field("finetuned", description="teacher of the distilled recoveries of the first level (issue 32; real path: finetuned-qlora, "
+                                     "nf4, fits a T4); None = no distillation")
+    distill_alphas: tuple[float, ...] = Field((1.0, 0.5), description="weights of the KL term, one recovery each (1: distillation alone)")
+    distill_temperature: float = Field(2.0, gt=0, le=20)
+    distill_top_k: int = Field(64, ge=1, le=1_000_000, description="teacher tokens kept per answer position (their mass is reported)")
 
 
 class BenchmarkParams(Strict):
@@ -250,10 +249,7 @@ class ProxyJudgeParams(Strict):
 
 
 class JudgeParams(Strict):
-    """07_judge: the paper's 1-4 LLM judge (Appendix A) and how scores are summarised.
-
-    The API key is never a param: ``api_key_env`` names the environment variable holding it.
-    """
+    """07_judge: the paper's 1-4 LLM judge (Appendix A). The API key is never a param: ``api_key_env`` names its variable."""
     backend: Literal["openai", "transformers", "proxy"] = "openai"
     model: str = Field("Qwen/Qwen2.5-32B-Instruct", min_length=1, description="served model name (openai) or hub id/path (transformers)")
     base_url: str = Field("http://localhost:8000/v1", pattern=r"^https?://", description="OpenAI-compatible endpoint (e.g. `vllm serve`)")

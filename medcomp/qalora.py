@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from medcomp.data import VQAExample
+from medcomp.distillation import Distillation
 from medcomp.encoding import LeftPadCollator, VQATrainingSet
 from medcomp.int4 import attach_adapters, fold_adapters, from_quantized_checkpoint, is_int4_checkpoint, load_int4, set_exact
 from medcomp.loading import checkpoint_identity, load_processor, to_model
@@ -45,9 +46,10 @@ def load_grid(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
 
 def train_on_grid(grid: str | Path, processor_source: str, device: str, train_examples: Sequence[VQAExample], params: FinetuneParams,
-                  output_dir: Path, seed: int = 0, pooled: bool = True) -> GridTraining:
+                  output_dir: Path, seed: int = 0, pooled: bool = True, distillation: Distillation | None = None) -> GridTraining:
     """Adapters (``params.lora``: r, alpha, dropout) on every decoder linear of the 4-bit ``grid``, trained with
-    training's loop and recipe (``params``) against the exact dequantized weights; everything else frozen."""
+    training's loop and recipe (``params``) against the exact dequantized weights; everything else frozen. With
+    ``distillation``, on a teacher's outputs (``medcomp.distillation``): prune, then distil into the 4-bit grid."""
     from transformers import set_seed
 
     set_seed(seed)  # before the adapters draw their initialisation
@@ -58,7 +60,8 @@ def train_on_grid(grid: str | Path, processor_source: str, device: str, train_ex
     trainable = attach_adapters(model, params.lora.r, params.lora.alpha, pooled, params.lora.dropout)
     model.to(device)
     setup = [checkpoint_identity(grid), "int4 grid", "pooled" if pooled else "unpooled", seed]
-    log_history, seconds, steps = train_prepared(model, load_processor(processor_source), train_examples, params, output_dir, setup, device, seed)
+    log_history, seconds, steps = train_prepared(model, load_processor(processor_source), train_examples, params, output_dir, setup, device, seed,
+                                                 distillation)
     return GridTraining(model.eval(), log_history, trainable, seconds, steps)
 
 

@@ -178,12 +178,15 @@ def generate_dermnet_like(
     distractors_per_folder: int = 3,
     image_size: int = 96,
     seed: int = 0,
+    validation_per_disease: int = 0,
 ) -> Path:
-    """Write ``root/{train,test}/<DermNet folder>/<disease>-<n>.jpg`` atomically and return ``root``."""
+    """Write ``root/{train,test}/<DermNet folder>/<disease>-<n>.jpg`` atomically and return ``root``; with
+    ``validation_per_disease``, ``root/validation/`` too, drawn after test so train and test are the same images."""
     rng = random.Random(seed)
     root = Path(root)
     with atomic_directory(root) as staging:
-        for split, per_disease in (("train", train_per_disease), ("test", test_per_disease)):
+        splits = (("train", train_per_disease), ("test", test_per_disease), *((("validation", validation_per_disease),) if validation_per_disease else ()))
+        for split, per_disease in splits:
             for disease in DISEASES:
                 folder = staging / split / _folder_of(disease.slug)
                 folder.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,9 @@ def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, i
               ("Quantization Only, QA-LoRA folded into 4 bits (08)", "finetuned-awq-qalora"), ("Quantization Only, LoRA on the 4-bit grid (08)", "finetuned-awq-lora"),
               ("QLoRA deployment: nf4 base + unmerged adapter (08)", "finetuned-qlora"),
               ("Prune + SFT + Quant, QA-LoRA folded into 4 bits (08)", f"{first}-awq-qalora"), ("Prune + SFT + Quant, LoRA on the 4-bit grid (08)", f"{first}-awq-lora"),
-              ("Prune + SFT, QLoRA deployment (08)", f"{first}-qlora")]
+              ("Prune + SFT, QLoRA deployment (08)", f"{first}-qlora"),
+              ("Pruning and distillation (08)", f"{first}-kd"), ("Pruning and half distillation, half SFT (08)", f"{first}-kd50"),
+              ("Prune + SFT + Quant, distilled into 4 bits, QA-LoRA (08)", f"{first}-awq-qalora-kd")]
     beyond += [(f"Prune + {m.upper()} + SFT on the 4-bit model (08)", f"{pruned}-{m}-sft") for m in ("awq", "rtn")]
     table_5 = [("Full pipeline (ours)", f"{first}-awq"), ("Bitsandbytes quantization", f"{first}-bnb"),
                *[("Pruning Based on Magnitude Baseline", f"{v.name}-awq") for v in magnitude[:1]],

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from medcomp.data import VQAConversation, VQAExample, as_multi_turn
+from medcomp.distillation import Distillation, distillation_loss
 from medcomp.encoding import LeftPadCollator, VQATrainingSet, answer_loss
 from medcomp.files import atomic_write_json, content_hash
 from medcomp.loading import (LM_HEAD, PROJECTOR, TORCH_DTYPES, VISION_TOWER, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly,
@@ -105,12 +106,15 @@ def _one_progress_bar():
     return TrainingBar
 
 
-def _answer_loss_trainer():
+def _answer_loss_trainer(distillation: Distillation | None = None):
     from transformers import Trainer
 
     class AnswerLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs, num_items_in_batch)
+            if distillation is None:
+                loss = answer_loss(model, inputs, num_items_in_batch)
+            else:
+                loss = distillation_loss(model, inputs, distillation.targets, distillation.temperature, distillation.alpha, num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
     return AnswerLossTrainer
@@ -157,11 +161,11 @@ class FinetuneResult:
 
 
 def _train(model, processor, examples: Sequence[VQAExample], params: FinetuneParams, output_dir: Path,
-           setup: list[Any], device: str, seed: int):
+           setup: list[Any], device: str, seed: int, distillation: Distillation | None = None):
     """Run ``Trainer`` with the answer-only loss; resumes from this setup's checkpoints if any."""
     from transformers import TrainingArguments
 
-    checkpoints = _checkpoints_for(output_dir, setup, examples, params)
+    checkpoints = _checkpoints_for(output_dir, [*setup, *(distillation.describe() if distillation else [])], examples, params)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=params.epochs,
@@ -184,10 +188,10 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
         disable_tqdm=False,
         **_precision_flags(params, device),
     )
-    trainer = _answer_loss_trainer()(
+    trainer = _answer_loss_trainer(distillation)(
         model=model,
         args=args,
-        train_dataset=VQATrainingSet(processor, examples),
+        train_dataset=VQATrainingSet(processor, examples, with_index=distillation is not None),
         data_collator=LeftPadCollator(processor.tokenizer.pad_token_id),
         optimizers=(_optimizer(model, params), None),
     )
@@ -216,14 +220,19 @@ def _parameter_counts(model) -> tuple[int, int]:
 
 
 def _fit(model, processor, examples: Sequence[VQAExample | VQAConversation], params: FinetuneParams, output_dir: Path,
-         setup: list[Any], device: str, seed: int, save_to: Path) -> FinetuneResult:
+         setup: list[Any], device: str, seed: int, save_to: Path, distillation: Distillation | None = None) -> FinetuneResult:
     """The body every entry point shares: count, train (resuming), save what was trained with its
     processor to ``save_to``, keep the log. The caller fills in what the saved folder is."""
     trainable, total = _parameter_counts(model)
-    trainer, train_seconds = _train(model, processor, examples, params, output_dir, setup, device, seed)
+    trainer, train_seconds = _train(model, processor, examples, params, output_dir, setup, device, seed, distillation)
     saved = save_with_processor(model, processor, save_to)
     atomic_write_json(output_dir / "log_history.json", trainer.state.log_history)
     return FinetuneResult(saved, saved, trainer.state.log_history, trainable, total, train_seconds, trainer.state.global_step)
+
+
+def training_examples(examples: Sequence[VQAExample], params: FinetuneParams) -> Sequence[VQAExample | VQAConversation]:
+    """What ``finetune`` trains on, in its order: the sequences distillation's teacher targets must cover."""
+    return _conversations(examples, params)
 
 
 def _conversations(examples: Sequence[VQAExample], params: FinetuneParams) -> Sequence[VQAExample | VQAConversation]:
@@ -241,16 +250,18 @@ def finetune(
     output_dir: Path,
     seed: int = 0,
     merged_dir: Path | None = None,
+    distillation: Distillation | None = None,
 ) -> FinetuneResult:
     """QLoRA-finetune ``source`` and save ``output_dir/adapter`` and the merged model (``merged_dir``,
-    default ``output_dir/merged``; a scratch folder keeps the heavy copy out of the run folder)."""
+    default ``output_dir/merged``; a scratch folder keeps the heavy copy out of the run folder). With
+    ``distillation`` the loss is ``medcomp.distillation``'s, its targets built for ``training_examples(...)``."""
     import_gptqmodel_quietly()
     _seed(seed)
     output_dir = Path(output_dir)
     processor = load_processor(source)
     model = load_for_finetuning(source, model_dtype, device, params)
     result = _fit(model, processor, _conversations(train_examples, params), params, output_dir,
-                  [checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter")
+                  [checkpoint_identity(source), model_dtype, seed], device, seed, output_dir / "adapter", distillation)
     merged_dir = merge_adapter(source, result.adapter_dir, merged_dir or output_dir / "merged", model_dtype, qlora_quantization(params))
     return replace(result, merged_dir=merged_dir)
 
@@ -283,10 +294,10 @@ def finetune_on_quantized(
 
 
 def train_prepared(model, processor, train_examples: Sequence[VQAExample], params: FinetuneParams, output_dir: Path, setup: list[Any],
-                   device: str, seed: int = 0) -> tuple[list[dict[str, Any]], float, int]:
+                   device: str, seed: int = 0, distillation: Distillation | None = None) -> tuple[list[dict[str, Any]], float, int]:
     """Train whatever of ``model`` requires grad, with this module's loop (answer-only loss, one bar, fused
     AdamW, resumable); the caller built the model and saves it. Returns log history, seconds and steps."""
-    trainer, seconds = _train(model, processor, _conversations(train_examples, params), params, Path(output_dir), setup, device, seed)
+    trainer, seconds = _train(model, processor, _conversations(train_examples, params), params, Path(output_dir), setup, device, seed, distillation)
     atomic_write_json(Path(output_dir) / "log_history.json", trainer.state.log_history)
     return trainer.state.log_history, seconds, trainer.state.global_step
 

@@ -165,9 +165,10 @@ def test_the_plan_covers_every_cell_of_tables_3_to_5():
 
     registered = {**variants, **{n: Variant(n, "05_quantize", "p") for n in names}}
     steps = beyond.beyond_plan(BeyondParams(), registered, ["recovered-7", "recovered-9", "recovered-7-magnitude"])
-    assert [(s.name, s.grid) for s in steps] == [("finetuned-gptq", None), ("recovered-7-gptq", None),
+    assert [(s.name, s.grid) for s in steps] == [("finetuned-gptq", None), ("recovered-7-gptq", None), ("finetuned-qlora", None), ("recovered-7-qlora", None),
         ("finetuned-awq-qalora", "finetuned-awq"), ("recovered-7-awq-qalora", "recovered-7-awq"),  # the pipeline model: the first level only
-        ("finetuned-awq-lora", "finetuned-awq"), ("recovered-7-awq-lora", "recovered-7-awq"), ("finetuned-qlora", None), ("recovered-7-qlora", None)]
+        ("finetuned-awq-lora", "finetuned-awq"), ("recovered-7-awq-lora", "recovered-7-awq"),
+        ("recovered-7-awq-qalora-kd", "recovered-7-awq")]  # prune, then distil into the 4-bit grid
     with pytest.raises(ValueError, match=r"'finetuned-rtn', which 05 did not build: add 'rtn' to quantization.finetuned"):
         beyond.beyond_plan(BeyondParams(grid="rtn"), registered, ["recovered-7"])
 

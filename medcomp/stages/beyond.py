@@ -21,12 +21,15 @@ from typing import Any, Sequence
 import pandas as pd
 
 from medcomp import int4, qalora
+from medcomp.distillation import Distillation, TeacherTargets, teacher_targets
 from medcomp.evaluation import PeakMemory, answer_stats, generate_answers, naming_accuracy
 from medcomp.files import content_hash
 from medcomp.loading import checkpoint_identity, decoder_bytes, load_processor, load_variant, tensor_bytes
 from medcomp.runs import Variant
-from medcomp.stages.materialise import ensure
+from medcomp.stages.materialise import ensure, ensure_for_serving
 from medcomp.stages.quantize import QuantizationStep, build_quantized, recover_on_quantized
+from medcomp.stages.recover import RecoveryStep, recover
+from medcomp.training import training_examples
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ def beyond_plan(settings, variants: dict[str, Any], recovered: Sequence[str]) ->
     by_depth = [name for name in recovered if not name.endswith("-magnitude")]
     sources = [("finetuned", "finetuned"), *[(name, "recovered") for name in by_depth[:1]]]
     steps = [BeyondStep(source, "gptq", role) for source, role in sources] if settings.gptq else []
+    if settings.qlora_deployment:  # first: on the real path it is the distillation's teacher (fits a T4)
+        steps += [BeyondStep(source, "qlora", role) for source, role in sources if "adapter" in variants[source].extra]
     for method, wanted in (("qalora", settings.qalora), ("lora", settings.lora_on_grid)):
         for source, role in sources if wanted else []:
             grid = f"{source}-{settings.grid}"
@@ -55,20 +60,20 @@ def beyond_plan(settings, variants: dict[str, Any], recovered: Sequence[str]) ->
                 raise ValueError(f"beyond.{'qalora' if method == 'qalora' else 'lora_on_grid'} trains on {grid!r}, which 05 did not build: "
                                  f"add {settings.grid!r} to quantization.{role}, or set beyond.grid to a method it has")
             steps.append(BeyondStep(source, method, role, grid))
-    if settings.qlora_deployment:
-        steps += [BeyondStep(source, "qlora", role) for source, role in sources if "adapter" in variants[source].extra]
+    if settings.qalora and settings.distill_from and len(sources) > 1:  # prune, then distil into the 4-bit grid (issue 32)
+        steps.append(BeyondStep(sources[1][0], "qalora-kd", "recovered", f"{sources[1][0]}-{settings.grid}"))
     return steps
 
 
 def build_on_grid(run, stage: str, step: BeyondStep, train_examples, test_examples, recipe, dtype: str, device: str,
-                  max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """Train adapters against ``step.grid`` (or reuse them: same grid checkpoint, recipe, data and seed), fold
+                  max_new_tokens: int, batch_size: int, seed: int = 0, distillation: Distillation | None = None) -> dict[str, Any]:
+    """Train adapters against ``step.grid`` (or reuse them: same grid checkpoint, recipe, data, seed and teacher), fold
     them (QA-LoRA) and measure the fold, save the int4 model, answer the test set, register."""
     grid = run.variant(step.grid)
     source = ensure(run, step.source)
     name = step.name
     setup = content_hash([checkpoint_identity(grid.path), recipe.model_dump(mode="json"), [(e.image, e.question) for e in train_examples],
-                          seed, step.method], 16)
+                          seed, step.method, distillation.describe() if distillation else None], 16)
     previous = run.variants().get(name)
     started = time.perf_counter()
     if previous is not None and previous.extra.get("setup") == setup and run.has_answers(name) and (Path(previous.path) / "config.json").exists():
@@ -78,12 +83,13 @@ def build_on_grid(run, stage: str, step: BeyondStep, train_examples, test_exampl
         processor = load_processor(source.path)
         with PeakMemory() as memory:
             trained = qalora.train_on_grid(grid.path, source.path, device, train_examples, recipe, run.stage_dir(stage) / name, seed,
-                                           pooled=step.method == "qalora")
-        exactness = qalora.fold_exactness(trained.model, processor, train_examples[:4]) if step.method == "qalora" else {}
+                                           pooled=step.method != "lora", distillation=distillation)
+        exactness = qalora.fold_exactness(trained.model, processor, train_examples[:4]) if step.method != "lora" else {}
         path = int4.save_int4(trained.model, processor, run.model_dir(stage, name))
         variant = Variant(name=name, stage=stage, path=str(path), parent=grid.name, layers_removed=grid.layers_removed, bits=4,
                           parameters=grid.parameters,
-                          notes=(f"QA-LoRA on {grid.name}, folded into the 4-bit offsets" if step.method == "qalora" else f"LoRA on {grid.name}, unmerged"),
+                          notes=(f"LoRA on {grid.name}, unmerged" if step.method == "lora" else f"QA-LoRA on {grid.name}, folded into the 4-bit offsets"
+                                 + (f", distilled from {distillation.targets.identity}" if distillation else "")),
                           extra={"format": "int4", "setup": setup, "role": step.role, "method": step.method, "grid": grid.name,
                                  "SFT seconds": round(trained.train_seconds, 1), "SFT peak": memory.gib, "trainable parameters": trained.trainable_parameters,
                                  "log_history": trained.log_history, **exactness})
@@ -113,7 +119,12 @@ def build_all(run, stage: str, plan: Sequence[BeyondStep], settings, conversatio
                                      group_size, max_new_tokens, batch_size)
             result |= {"SFT seconds": 0.0, "grid": None}
         else:
-            result = build_on_grid(run, stage, step, train_examples, test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed)
+            distillation = None
+            if step.method == "qalora-kd":
+                targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device)
+                distillation = Distillation(targets, settings.distill_temperature, 1.0)
+            result = build_on_grid(run, stage, step, train_examples, test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed,
+                                   distillation)
         results.append(result)
         print(f"{step.name}: naming {result['naming accuracy']:.1%}; decoder {result['decoder bytes'] / 1e6:.1f} MB")
     variants = run.variants()
@@ -151,3 +162,74 @@ def findings(table: pd.DataFrame) -> str:
         lines.append(f"- `{name}` ({r['method']}): names **{r['naming accuracy']:.1%}** against {', '.join(against)}, "
                      f"at {r['model bytes × finetuned']:.2f}× the finetuned model's bytes{fold}.")
     return "\n".join(lines) or "Nothing was built: every method of `beyond` is off."
+
+
+# ------------------------------------------------------------------ pruning that loses less (issue 32)
+
+def teacher_targets_for(run, stage: str, teacher_name: str, train_examples, recipe, top_k: int, dtype: str, device: str) -> TeacherTargets:
+    """The teacher's top-k answer-token logits over the recovery's training sequences: computed once, in one pass
+    with only the teacher loaded, and cached in the stage folder by teacher checkpoint, data and k."""
+    teacher = ensure_for_serving(run, run.variant(teacher_name))
+    sequences = training_examples(train_examples, recipe)
+    identity = content_hash([teacher.name, checkpoint_identity(teacher.path), [repr(s) for s in sequences], top_k], 16)
+    path = run.stage_dir(stage) / f"teacher-{teacher.name}-{identity}.pt"
+    if path.exists():
+        return TeacherTargets.load(path)
+    model = load_variant(teacher, dtype, device)
+    source = teacher.path if teacher.extra.get("format") is None else run.variant("finetuned").path
+    targets = teacher_targets(model, load_processor(source), sequences, top_k, identity=identity)
+    del model
+    targets.save(path)
+    return targets
+
+
+def distilled_recoveries(run, stage: str, settings, recovered: str, train_examples, test_examples, recipe, dtype: str, device: str,
+                         max_new_tokens: int, batch_size: int, seed: int = 0) -> tuple[list[dict[str, Any]], TeacherTargets | None]:
+    """04's recovery of ``recovered``'s pruned model, same LoRA, steps, data and seed, with the KL term weighted by each
+    of ``settings.distill_alphas``: ``<recovered>-kd`` (alpha 1, distillation alone), ``<recovered>-kd50`` (half)."""
+    if settings.distill_from is None:
+        return [], None
+    if settings.distill_from not in run.variants():
+        raise ValueError(f"beyond.distill_from names {settings.distill_from!r}, which is not registered: use 'finetuned' or a variant 08 builds first")
+    targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device)
+    source = run.variant(recovered)
+    results = []
+    for alpha in settings.distill_alphas:
+        name = f"{recovered}-kd" + ("" if alpha == 1 else f"{round(alpha * 100)}")
+        step = RecoveryStep(source.parent, name, source.extra.get("fraction"))
+        result = recover(run, stage, step, train_examples, test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed,
+                         Distillation(targets, settings.distill_temperature, alpha))
+        results.append(result | {"alpha": alpha, "teacher": settings.distill_from, "teacher top-k mass": targets.mass})
+        print(f"{name}: {'reused' if result['reused'] else 'trained'} in {result['SFT seconds']:.0f} s; naming {result['naming after SFT']:.1%}")
+    return results, targets
+
+
+def validation_naming(run, stage: str, names: Sequence[str], validation_examples, dtype: str, device: str, max_new_tokens: int,
+                      batch_size: int) -> pd.Series:
+    """Held-out naming of each variant on the validation split (answers cached in the stage folder by variant and
+    checkpoint): what 08 chooses by. The test set only reports."""
+    import json
+
+    from medcomp.files import atomic_write_json
+
+    accuracy = {}
+    for name in names:
+        variant = ensure_for_serving(run, run.variant(name))
+        key = content_hash([name, checkpoint_identity(variant.path), [(e.image, e.question) for e in validation_examples]], 12)
+        path = run.stage_dir(stage) / "validation" / f"{name}-{key}.json"
+        if path.exists():
+            answers = json.loads(path.read_text())
+        else:
+            model = load_variant(variant, dtype, device)
+            answers = generate_answers(model, load_processor(variant.path if variant.extra.get("format") is None else run.variant("finetuned").path),
+                                       validation_examples, max_new_tokens, batch_size, description=f"validation ({name})")
+            del model
+            atomic_write_json(path, answers)
+        accuracy[name] = naming_accuracy(answers)
+    return pd.Series(accuracy, name="validation naming")
+
+
+def chosen_on_validation(accuracy: pd.Series, baseline: str) -> str:
+    """The best variant on validation; a tie goes to ``baseline`` (04's recovery), then to the first listed."""
+    best = accuracy.max()
+    return baseline if accuracy.get(baseline) == best else str(accuracy.idxmax())

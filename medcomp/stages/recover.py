@@ -17,6 +17,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from medcomp.distillation import Distillation
 from medcomp.evaluation import PeakMemory, answer_stats, generate_answers
 from medcomp.files import atomic_write_json, content_hash
 from medcomp.loading import checkpoint_identity, count_parameters, load_llava, load_processor
@@ -62,11 +63,12 @@ def _setup(pruned_path: str, params: FinetuneParams, train_examples, seed: int) 
 
 
 def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examples, params: FinetuneParams, dtype: str,
-            device: str, max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """QLoRA-finetune the pruned variant, merge, reload, answer the test set, register; or read it back."""
+            device: str, max_new_tokens: int, batch_size: int, seed: int = 0, distillation: Distillation | None = None) -> dict[str, Any]:
+    """QLoRA-finetune the pruned variant, merge, reload, answer the test set, register; or read it back. With
+    ``distillation`` (08_beyond) the loss is the teacher's (``medcomp.distillation``); all else is 04's."""
     pruned = ensure(run, step.pruned)
     output_dir = run.stage_dir(stage) / step.recovered
-    setup = _setup(pruned.path, params, train_examples, seed)
+    setup = _setup(pruned.path, params, train_examples, seed) | ({"distillation": distillation.describe()} if distillation else {})
     record_path = output_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is not None and record["setup"] == setup and step.recovered in run.variants() and run.has_answers(step.recovered):
@@ -74,12 +76,12 @@ def recover(run: Run, stage: str, step: RecoveryStep, train_examples, test_examp
 
     with PeakMemory() as peak:
         result = finetune(pruned.path, dtype, device, train_examples, params, output_dir, seed=seed,
-                          merged_dir=run.model_dir(stage, f"{step.recovered}/merged"))
+                          merged_dir=run.model_dir(stage, f"{step.recovered}/merged"), distillation=distillation)
     started = time.perf_counter()
     model = load_llava(str(result.merged_dir), dtype=dtype, device=device)
     variant = Variant(name=step.recovered, stage=stage, path=str(result.merged_dir), parent=pruned.name,
                       layers_removed=pruned.layers_removed, bits=pruned.bits, parameters=count_parameters(model),
-                      notes=f"QLoRA SFT (r={params.lora.r}, alpha={params.lora.alpha}) of {pruned.name}",
+                      notes=f"QLoRA {'distillation' if distillation else 'SFT'} (r={params.lora.r}, alpha={params.lora.alpha}) of {pruned.name}",
                       extra={"adapter": str(result.adapter_dir), "sft_base": pruned.path, "fraction": step.fraction,
                              "rebuild": merge_recipe(pruned.name, pruned.path, dtype, params)})
     run.register_variant(variant)
