@@ -269,3 +269,25 @@ def load_rankings(directory: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run 02_layer_importance first")
     return json.loads(path.read_text())
+
+
+def iterative_removal(model, processor, calibration: Sequence[VQAExample], candidates: Sequence[int], count: int, batch_size: int = 16,
+                      progress: bool = True) -> tuple[list[int], list[pd.Series]]:
+    """SLEB (Song et al., 2024): remove the block whose removal raises the reference answers' perplexity least,
+    then score the remaining ``candidates`` again *on the pruned model*, ``count`` times: a block's importance
+    changes once its neighbours are gone, which the one-shot ranking cannot see. Each round is 02's replayed
+    perplexity sweep (``perplexity_sweep``) on the model pruned so far. Returns the blocks removed, as indices of the
+    unpruned model in removal order, and each round's scores (indexed the same way)."""
+    batches = teacher_forced_batches(processor, calibration, batch_size)
+    num_layers = len(decoder_layers(model))
+    removed: list[int] = []
+    rounds: list[pd.Series] = []
+    for _ in tqdm(range(count), desc="iterative removal", unit="block", disable=not progress):
+        kept = [index for index in range(num_layers) if index not in removed]
+        remaining = [index for index in candidates if index not in removed]
+        with without_layers(model, removed):
+            scores = perplexity_sweep(model, processor, calibration, [kept.index(index) for index in remaining], batches=batches, progress=False)
+        scores.index = remaining
+        removed.append(ranking(scores, higher_is_less_important=False)[0])
+        rounds.append(scores)
+    return removed, rounds

@@ -215,6 +215,7 @@ class BeyondParams(Strict):
     distill_alphas: tuple[float, ...] = Field((1.0, 0.5), description="weights of the KL term, one recovery each (1: distillation alone)")
     distill_temperature: float = Field(2.0, gt=0, le=20)
     distill_top_k: int = Field(64, ge=1, le=1_000_000, description="teacher tokens kept per answer position (their mass is reported)")
+    iterative_pruning: bool = Field(True, description="SLEB: re-rank after each removal (02's perplexity replay); recovered with 04's recipe if its blocks differ")
 
 
 class BenchmarkParams(Strict):

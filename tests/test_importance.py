@@ -128,3 +128,30 @@ def test_rankings_round_trip_and_correlate(tmp_path):
         importance.load_rankings(tmp_path / "missing")
     with pytest.raises(ValueError, match="exceeds"):
         importance.sample_calibration([], 3, 0)
+
+
+def test_iterative_removal_equals_a_brute_force_re_rank_on_a_4_block_model(tiny_embedded_model, synthetic_root):
+    """SLEB's loop against the plainest computation: at every round, each remaining block removed from the model
+    pruned so far and the whole model run again (no replay), the lowest perplexity removed."""
+    from medcomp import importance
+    from medcomp.data import build_conversations, scan_dermnet
+    from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES_BY_SLUG
+    from medcomp.loading import load_llava, load_processor
+    from medcomp.pruning import without_layers
+
+    model, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
+    scan = scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG), DERMNET_FOLDER_RULES)
+    calibration = build_conversations([image for image in scan.images if image.split == "train"])[:5]
+    removed, rounds = importance.iterative_removal(model, processor, calibration, [0, 1, 2, 3], 3, batch_size=2, progress=False)
+    expected: list[int] = []
+    for round_scores in rounds:
+        brute = {}
+        for block in [b for b in range(4) if b not in expected]:
+            with without_layers(model, [*expected, block]):
+                brute[block] = importance.reference_perplexity(model, processor, calibration, batch_size=2)
+        assert sorted(round_scores.index) == sorted(brute)
+        for block, value in brute.items():
+            assert round_scores[block] == pytest.approx(value, rel=1e-5)
+        expected.append(min(brute, key=lambda b: (brute[b], b)))
+    assert removed == expected and len(set(removed)) == 3
+    assert len(importance.decoder_layers(model)) == 4  # the model is whole again

@@ -233,3 +233,47 @@ def chosen_on_validation(accuracy: pd.Series, baseline: str) -> str:
     """The best variant on validation; a tie goes to ``baseline`` (04's recovery), then to the first listed."""
     best = accuracy.max()
     return baseline if accuracy.get(baseline) == best else str(accuracy.idxmax())
+
+
+def iterative_pruning(run, stage: str, importance_params, recovered: str, train_examples, test_examples, recipe, dtype: str, device: str,
+                      max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """SLEB's iterative removal (``importance.iterative_removal``) to the depth of ``recovered``'s pruned model, on 02's
+    calibration sample; where it removes other blocks than 02's one-shot ranking, that model is pruned (03's build)
+    and recovered with 04's recipe as ``pruned-N-sleb`` / ``recovered-N-sleb``. The order is cached by the finetuned
+    checkpoint, the calibration and the count."""
+    import json
+
+    from medcomp.files import atomic_write_json
+    from medcomp.importance import iterative_removal, sample_calibration
+    from medcomp.loading import decoder_layers, load_llava
+    from medcomp.pruning import prunable_layers
+    from medcomp.stages.prune import PruningStep, build_levels
+
+    source = run.variant(recovered)
+    one_shot = sorted(run.variant(source.parent).layers_removed)
+    finetuned = ensure(run, "finetuned")
+    calibration = sample_calibration(train_examples, importance_params.calibration_size, seed)
+    key = content_hash([checkpoint_identity(finetuned.path), [(e.image, e.question) for e in calibration], len(one_shot),
+                        importance_params.protect_first, importance_params.protect_last], 12)
+    record = run.stage_dir(stage) / f"sleb-{key}.json"
+    started = time.perf_counter()
+    if record.exists():
+        saved = json.loads(record.read_text())
+    else:
+        model = load_llava(finetuned.path, dtype=dtype, device=device)
+        candidates = prunable_layers(len(decoder_layers(model)), importance_params.protect_first, importance_params.protect_last)
+        removed, rounds = iterative_removal(model, load_processor(finetuned.path), calibration, candidates, len(one_shot), importance_params.batch_size
+                                            if isinstance(importance_params.batch_size, int) else 16)
+        del model
+        saved = {"removed": removed, "rounds": [{str(k): v for k, v in r.items()} for r in rounds], "seconds": time.perf_counter() - started}
+        atomic_write_json(record, saved)
+    outcome = {"one-shot blocks": one_shot, "iterative blocks (removal order)": saved["removed"], "ranking seconds": round(saved["seconds"], 1),
+               "same blocks": sorted(saved["removed"]) == one_shot, "rounds": saved["rounds"]}
+    if outcome["same blocks"]:
+        return outcome
+    name = f"pruned-{len(one_shot)}-sleb"
+    build_levels(run, stage, finetuned, [PruningStep(name, source.extra.get("fraction"), "iterative (SLEB)", tuple(sorted(saved["removed"])))],
+                 test_examples, dtype, device, max_new_tokens, batch_size)
+    result = recover(run, stage, RecoveryStep(name, name.replace("pruned-", "recovered-", 1), source.extra.get("fraction")), train_examples, test_examples,
+                     recipe, dtype, device, max_new_tokens, batch_size, seed)
+    return outcome | {"recovered": result["variant"], "naming before SFT": result["naming before SFT"], "naming after SFT": result["naming after SFT"]}
