@@ -290,14 +290,16 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                             "4-bit layers done so far": weight_bytes(shape, 4) - weight_bytes(shape, 4, shape.layers)},
                            1, awq_models * shape.layers * T4_AWQ_SECONDS_PER_LAYER + awq_models * answering(q_batch, evaluation.max_new_tokens, answers),
                            f"{awq_models} quantized models x {shape.layers} layers at an assumed {T4_AWQ_SECONDS_PER_LAYER:.0f} s a layer, plus their answers"))
-    if params.beyond.gptq:  # 08's GPTQ: GPTQModel's layer-by-layer loop, as the AWQ search, plus the Hessian of the widest input
-        searched = 1 + bool(recovered)
-        plans.append(replace(plans[-1], stage="08_beyond", step="GPTQ (GPTQModel, layer by layer)", seconds=searched * plans[-1].seconds / max(awq_models, 1),
-                             terms={**plans[-1].terms, "GPTQ Hessian of the widest input (fp32)": 4 * shape.intermediate ** 2},
-                             how=f"{searched} models x {shape.layers} layers at the AWQ rate, plus their answers"))
     plans.append(on(StagePlan("05_quantize", f"answering with a 4-bit model ({T4_AWQ_KERNEL} kernel on a T4)",
                               generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch, 0.0, "counted in the AWQ row"), bits=4))
-    b, grid_trainings = params.beyond, (params.beyond.qalora + params.beyond.lora_on_grid) * (1 + bool(recovered))
+    awq_row = next(p for p in plans if p.stage == "05_quantize")
+    if params.beyond.gptq:  # 08's GPTQ: GPTQModel's layer-by-layer loop, as the AWQ search, plus the Hessian of the widest input
+        searched = 1 + bool(recovered)
+        plans.append(replace(awq_row, stage="08_beyond", step="GPTQ (GPTQModel, layer by layer)", seconds=searched * awq_row.seconds / max(awq_models, 1),
+                             terms={**awq_row.terms, "GPTQ Hessian of the widest input (fp32)": 4 * shape.intermediate ** 2},
+                             how=f"{searched} models x {shape.layers} layers at the AWQ rate, plus their answers"))
+    b = params.beyond
+    grid_trainings = (b.qalora + b.lora_on_grid) * (1 + bool(recovered)) + bool(b.qalora and b.distill_from and recovered)
     if grid_trainings:  # 08: 04's SFT plan on the int4 grid (AWQ's bytes), plus one linear dequantized at a time (forward and backward)
         grid = _sft_plan("08_beyond", "adapters trained on the finetuned model's 4-bit grid", shape, b.recipe or params.recovery.finetune,
                          evaluation.max_new_tokens, _training_conversations(params), 0, q_batch, evaluation.max_new_tokens, answers)
@@ -305,9 +307,19 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
         terms["one linear dequantized (fp16)"] = 2 * shape.hidden * shape.intermediate
         plans.append(StagePlan(grid.stage, grid.step + " (one GPU: int4 loads unsplit)", terms, grid.batch_size, grid_trainings * grid.seconds,
                                f"{grid_trainings} trainings; each " + grid.how))
+    distilled = len(b.distill_alphas) * bool(b.distill_from and recovered) + bool(b.iterative_pruning and recovered)
+    if distilled:  # 08: the teacher's pass alone (nf4 if distill_from names the QLoRA deployment), then recoveries planned as 04's
+        conversations = _training_conversations(params)
+        teacher_bits = 4 if b.distill_from and b.distill_from.endswith("qlora") else 16
+        plans.append(on(StagePlan("08_beyond", f"the teacher's top-{b.distill_top_k} pass ({b.distill_from}, alone on the GPUs)",
+                                  {k: v for k, v in generation_plan(shape, 4, evaluation.max_new_tokens, bits=teacher_bits, method="nf4").items() if k != "KV cache"},
+                                  4, conversations * (shape.image_tokens + PROMPT_TOKENS + evaluation.max_new_tokens) * T4_SECONDS_PER_TOKEN / 64,
+                                  f"{conversations} sequences, prefill only (an assumed 64 tokens per generated token's time)"), bits=teacher_bits))
+        plans.append(on(StagePlan("08_beyond", f"{distilled} recoveries as 04's (distilled, SLEB)", sft.terms, sft.batch_size, distilled * sft.seconds, sft.how),
+                        bits=4, removed=least_removed))
     bench = params.benchmark
     plans.append(on(StagePlan("06_benchmark", "one fp16 variant resident, batch 1", generation_plan(shape, 1, bench.new_tokens), 1,
-                              (awq_models + len(levels) + recoveries + 4 + grid_trainings) * (bench.warmup + bench.repeats + 1) * bench.new_tokens * T4_SECONDS_PER_TOKEN,
+                              (awq_models + len(levels) + recoveries + 4 + grid_trainings + 2 * distilled) * (bench.warmup + bench.repeats + 1) * bench.new_tokens * T4_SECONDS_PER_TOKEN,
                               "every variant: warm-up, hooked run and timed runs of the forced tokens")))
     plans.append(StagePlan("07_judge", "the judge runs elsewhere (vLLM); this GPU holds nothing", {}, 0, 0.0, "depends on the judge's server"))
     return plans

@@ -18,7 +18,7 @@ MINIMAL = {
     "run_name": "e2e",
     "model": {"embedded": {"pretraining": {"images_per_disease": 4, "image_size": 64, "vision_steps": 4, "vision_batch_size": 8,
                                            "stage1_steps": 2, "stage1_batch_size": 4}}},
-    "data": {"test_images": 8, "synthetic": {"train_per_disease": 2, "test_per_disease": 1, "image_size": 64}},
+    "data": {"test_images": 8, "validation_per_disease": 1, "synthetic": {"train_per_disease": 2, "test_per_disease": 1, "image_size": 64}},
     "finetune": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 50},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "sample_answers": 3},
     "importance": {"calibration_size": 4, "max_new_tokens": 4, "batch_size": 4},
@@ -92,10 +92,15 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft",
                     "finetuned-rtn-qalora", "recovered-7-rtn-qalora", "finetuned-rtn-lora", "recovered-7-rtn-lora"):
         assert run.variant(variant).bits == 4 and len(run.answers(variant)) == 8 * 3, variant
-    for variant, blocks in (("finetuned-rtn-qalora", 30), ("recovered-7-rtn-qalora", 30 - 7)):  # 08: on 05's grid, folded exactly, no adapter served
+    for variant in ("finetuned-gptq", "recovered-7-gptq", "recovered-7-kd", "recovered-7-kd50"):  # 08's GPTQ and distilled recoveries
+        assert len(run.answers(variant)) == 8 * 3, variant
+    assert run.variant("finetuned-gptq").extra["format"] == "int4" and run.variant("recovered-7-kd").parent == "pruned-7"
+    for variant, blocks in (("finetuned-rtn-qalora", 30), ("recovered-7-rtn-qalora", 30 - 7), ("recovered-7-rtn-qalora-kd", 30 - 7)):
         extra = run.variant(variant).extra
         assert extra["format"] == "int4" and extra["adapters folded"] == blocks * 7 and extra["fold error"] < 1e-5, variant
-    assert "fold error (fp32)" in (run_dir / "08_beyond.html").read_text()
+    beyond_report = (run_dir / "08_beyond.html").read_text()
+    for text in ("fold error (fp32)", "Chosen on validation", "validation naming", "re-ranking after each removal"):
+        assert text in beyond_report, text
     benchmark_report = (run_dir / "06_benchmark.html").read_text()
     for text in ("Table 4, efficiency columns", "decode ms/token", "Where a decoded token", "What a T4 would be bound by", "paper: VRAM GB"):
         assert text in benchmark_report, text
