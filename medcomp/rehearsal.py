@@ -36,8 +36,8 @@ STANDIN_SIZES: dict[str, Any] = {
 
 # 05's cells when GPTQModel is absent (scripts/kaggle_install.sh without --awq): bitsandbytes and the QLoRA deployment
 BNB_ONLY = {"finetuned": ["bnb"], "pruned": [], "recovered": ["bnb"], "pipeline_ablations": [], "recovered_magnitude": []}
-# 08's adapters train on 05's AWQ grid, which needs GPTQModel: without it, 08 keeps the QLoRA deployments only
-BEYOND_BNB_ONLY = {"qalora": False, "lora_on_grid": False, "quantize_then_recover": []}
+# 08's adapters train on 05's AWQ grid and its GPTQ is GPTQModel's: without it, 08 keeps the QLoRA deployments, distillation and SLEB
+BEYOND_BNB_ONLY = {"qalora": False, "lora_on_grid": False, "gptq": False, "quantize_then_recover": []}
 
 
 def rating_by_overlap(user_message: str) -> int:

@@ -151,6 +151,50 @@ def verdicts_over_points(verdicts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(over, orient="index").rename_axis("claim") if over else pd.DataFrame()
 
 
+def frontier_over_points(sweep_dir: Path, points: Sequence[str]) -> pd.DataFrame:
+    """Per variant, over the points that scored and measured it: score × finetuned (mean, standard deviation),
+    model bytes × finetuned and decode × finetuned (means): 07's frontier with its spread over seeds."""
+    from medcomp.benchmark import efficiency_table, load_measurements
+
+    frames = []
+    for name in points:
+        scores, bench = results.judge_table(sweep_dir / name, "scores"), sweep_dir / name / "stages" / "06_benchmark"
+        if scores is None or not (bench / "benchmark.json").exists() or "finetuned" not in scores.index:
+            continue
+        efficiency = efficiency_table(load_measurements(bench)[0], "finetuned")
+        joined = (scores[["score"]] / float(scores.loc["finetuned", "score"])).join(efficiency[["model MB × finetuned", "decode × finetuned"]], how="inner")
+        frames.append(joined.rename(columns={"score": "score × finetuned"}))
+    if not frames:
+        return pd.DataFrame()
+    stacked = pd.concat(frames)
+    grouped = stacked.groupby(level=0)
+    table = grouped.mean().join(grouped["score × finetuned"].std().rename("score × finetuned sd")).join(grouped.size().rename("points"))
+    return table.sort_values("model MB × finetuned").round(3)
+
+
+def frontier_figure_html(table: pd.DataFrame) -> str:
+    """The frontier over the points as an inline PNG: each variant's mean score × finetuned against its bytes, ± sd."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.errorbar(table["model MB × finetuned"], table["score × finetuned"], yerr=table["score × finetuned sd"].fillna(0), fmt="o", capsize=3)
+    for name, row in table.iterrows():
+        axes.annotate(str(name), (row["model MB × finetuned"], row["score × finetuned"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel("model bytes × finetuned")
+    axes.set_ylabel("score × finetuned (mean ± sd over the points)")
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return f'<img alt="frontier over the points" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
 def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Path:
     """The sweep's ``index.html``: each point's key figures per stage, the score spread and the verdicts over points."""
     figures = {}
@@ -170,8 +214,12 @@ def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Pat
                   "(docs/reproducibility.md).</p>", where.to_html(escape=True)]
     if scores:
         parts += ["<h2>Scores over the points (mean, standard deviation, range)</h2>", score_spread(scores).to_html(escape=True)]
+    frontier = frontier_over_points(sweep_dir, list(points))
+    if not frontier.empty:
+        parts += ["<h2>The frontier over the points</h2><p>07's score and 06's bytes and decode time as ratios to each point's "
+                  "finetuned model; the spread is the standard deviation over the points.</p>", frontier_figure_html(frontier), frontier.to_html(escape=True)]
     if verdicts:
-        parts += ["<h2>The paper's claims over the points</h2><p>A claim holds only where it holds on every point; its interval "
+        parts += ["<h2>The paper's claims, and this package's, over the points</h2><p>A claim holds only where it holds on every point; its interval "
                   "is the union of the points' paired-bootstrap intervals.</p>", verdicts_over_points(verdicts).to_html(escape=True)]
     page = ('<!doctype html><html><head><meta charset="utf-8"><title>medcomp sweep</title><style>body{font-family:sans-serif;margin:2em}'
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>"

@@ -88,3 +88,26 @@ def test_the_index_says_where_each_point_ran_and_flags_a_point_on_another_cpu(tm
     table = where_points_ran(tmp_path)
     assert table.loc["seed1", "job_id"] == "12" and table.loc["seed1", "host"] == "node-12"
     assert list(table["other CPU than the first"]) == [False, True]
+
+
+def test_the_frontier_over_points_is_each_points_ratio_averaged_with_its_spread(tmp_path):
+    from medcomp.benchmark import Measurement, save_measurements
+    from medcomp.sweep import frontier_over_points
+
+    def point(name: str, finetuned_score: float, pipeline_score: float, pipeline_decode: float) -> None:
+        tables = tmp_path / name / "stages" / "07_judge" / "tables"
+        tables.mkdir(parents=True)
+        pd.DataFrame({"score": [finetuned_score, pipeline_score]}, index=pd.Index(["finetuned", "pipeline"], name="variant")).to_csv(tables / "scores.csv")
+        measured = [Measurement(v, "s", 100, bits, 30, size, size, size, 0, 0, 0.0, prefill_ms=[1.0], decode_ms=[decode], split_ms={})
+                    for v, bits, size, decode in (("finetuned", 16, 4_000_000, 10.0), ("pipeline", 4, 1_000_000, pipeline_decode))]
+        bench = tmp_path / name / "stages" / "06_benchmark"
+        bench.mkdir(parents=True)
+        save_measurements(bench, measured, {})
+
+    point("seed0", 80.0, 60.0, 5.0)  # 0.75 of its own finetuned model
+    point("seed1", 100.0, 65.0, 7.0)  # 0.65: ratios are per point, then averaged
+    table = frontier_over_points(tmp_path, ["seed0", "seed1", "seed2"])  # seed2 has nothing yet
+    assert table.loc["pipeline", "score × finetuned"] == pytest.approx(0.70)
+    assert table.loc["pipeline", "score × finetuned sd"] == pytest.approx(0.0707, abs=1e-3)
+    assert table.loc["pipeline", "model MB × finetuned"] == pytest.approx(0.25) and table.loc["pipeline", "decode × finetuned"] == pytest.approx(0.6)
+    assert table.loc["pipeline", "points"] == 2 and table.loc["finetuned", "score × finetuned"] == 1.0
