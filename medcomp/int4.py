@@ -261,8 +261,20 @@ def _decoder_linear_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if ".language_model.layers." in f".{name}" and isinstance(module, nn.Linear)]
 
 
+def _with_tied_embeddings(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where input and output embeddings are tied, a checkpoint may hold either one (safetensors keeps one copy of a
+    shared tensor; GPTQModel keeps the lm_head, ``save_int4`` the embeddings): give the other key the same tensor."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return state
+    modules = {id(module): name for name, module in model.named_modules()}
+    names = [f"{modules[id(m)]}.weight" for m in (model.get_input_embeddings(), model.get_output_embeddings()) if id(m) in modules]
+    present = [name for name in names if name in state]
+    return {**state, **{name: state[present[0]] for name in names if name not in state}} if present and len(names) == 2 else state
+
+
 def _fill(model, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
     """Assign ``state`` to the skeleton (floating tensors outside the int4 linears in ``dtype``), tie, check, move."""
+    state = _with_tied_embeddings(model, state)
     int4_prefixes = tuple(f"{name}." for name, _ in int4_linears(model))
     state = {k: (v.to(dtype) if v.is_floating_point() and not k.startswith(int4_prefixes) else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -97,3 +97,19 @@ def test_qa_lora_trains_on_the_grid_then_merges_into_a_plain_4bit_model(tiny_emb
     assert all(torch.equal(codes[name], m.qweight) for name, m in int4.int4_linears(trained.model)), "the fold touched the 4-bit codes"
     merged = int4.load_int4(int4.save_int4(trained.model, processor, tmp_path / "merged"))
     assert all(m.adapter is None for _, m in int4.int4_linears(merged)) and len(decoder_layers(merged)) == 4
+
+
+def test_a_checkpoint_holding_only_one_of_tied_embeddings_loads_both(tiny_embedded_model):
+    """GPTQModel saves a tied model's lm_head only, safetensors keeps one copy of a shared tensor: either way the
+    other key gets the same tensor, so no weight stays on the meta device (the embedded SmolLM2 ties them)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_embedded_model)
+    config.get_text_config().tie_word_embeddings = True
+    skeleton = int4._skeleton(config)
+    weight = torch.randn(skeleton.lm_head.weight.shape)
+    for present in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+        state = int4._with_tied_embeddings(skeleton, {present: weight})
+        assert set(state) == {"lm_head.weight", "model.language_model.embed_tokens.weight"} and all(v is weight for v in state.values())
+    config.get_text_config().tie_word_embeddings = False
+    assert set(int4._with_tied_embeddings(int4._skeleton(config), {"lm_head.weight": weight})) == {"lm_head.weight"}
