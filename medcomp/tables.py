@@ -383,20 +383,3 @@ def scored_tables(rows: PaperRows, scores: dict[str, VariantScore], variants: di
         "Table 5 · ablations of the full pipeline": scored_table_5(rows, scores, paper.TABLE_5),
     }
 
-
-def frontier_points(scores_table: pd.DataFrame, efficiency: pd.DataFrame, stages: dict[str, str], finetuned: str = "finetuned") -> pd.DataFrame:
-    """Every scored and measured variant as ratios to ``finetuned``: score (with its interval), model bytes and
-    decode ms/token; ``stage`` says who built it (08's are this package's). The paper's Table 4 rows as ratios to
-    its own original model, its VRAM standing for bytes (it reports no tensor bytes)."""
-    points = scores_table[["score", "95% CI low", "95% CI high"]].join(efficiency[["model MB × finetuned", "decode × finetuned"]], how="inner")
-    base = float(scores_table.loc[finetuned, "score"])
-    points = points.assign(**{"score × finetuned": points["score"] / base, "low": points["95% CI low"] / base, "high": points["95% CI high"] / base,
-                              "stage": [stages.get(name, "") for name in points.index]})
-    return points[["score × finetuned", "low", "high", "model MB × finetuned", "decode × finetuned", "stage"]]
-
-
-def paper_frontier(paper_table: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 4 as ratios to its "Original LLaVA": score, VRAM (for bytes) and latency."""
-    original = paper_table.loc["Original LLaVA"]
-    return pd.DataFrame({"score × finetuned": paper_table["score"] / original["score"], "model MB × finetuned": paper_table["VRAM (GB)"] / original["VRAM (GB)"],
-                         "decode × finetuned": paper_table["latency (ms/token)"] / original["latency (ms/token)"]})

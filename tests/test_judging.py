@@ -390,6 +390,6 @@ def test_this_packages_claims_compare_at_the_same_bytes_and_against_95_percent_o
     assert verdict[("finetuned-awq-qalora", "finetuned")] == "holds"
     assert verdict[("recovered-7-awq-qalora", "recovered-7")] == "does not hold"
     assert verdict[("finetuned-awq-qalora", "finetuned-awq")] == verdict[("recovered-7-awq-qalora", "recovered-7-awq")] == "within noise"
-    ratios = tables.paper_frontier(paper.TABLE_4)
+    ratios = scoring.paper_frontier(paper.TABLE_4)
     assert ratios.loc["Prune + SFT + Quant", "score × finetuned"] == pytest.approx(54.25 / 80.12)
     assert ratios.loc["Prune + SFT + Quant", "model MB × finetuned"] == pytest.approx(3.9 / 13.4)
