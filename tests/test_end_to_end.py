@@ -108,7 +108,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     assert {m["variant"] for m in measured} == set(run.variants()) and all(len(m["decode_ms"]) == 2 for m in measured)
     judge_report = (run_dir / "07_judge.html").read_text()
     for text in ("Proxy scores", "Table 1 · pruning levels", "Table 2", "Table 3", "Table 4 · overall", "Table 5", "Figure 5",
-                 "Pareto front", "claims on this run", "paper: score", "95% CI"):
+                 "Pareto front", "claims, and this package's, on this run", "the frontier", "paper: score", "95% CI"):
         assert text in judge_report, text
     assert any(verdict in judge_report for verdict in ("holds", "within noise", "does not hold"))
     judgements = (run_dir / "stages" / "07_judge" / "judgements.jsonl").read_text().splitlines()
