@@ -23,7 +23,7 @@ from medcomp.params import PRESETS_DIR, merge_overrides
 
 STANDIN_SIZES: dict[str, Any] = {
     "run_name": "t4-standin",
-    "data": {"test_images": 6},
+    "data": {"test_images": 6, "validation_per_disease": 1},  # 1 of the 3 train images a disease held out
     "finetune": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 50},
     "evaluation": {"max_new_tokens": 6, "sample_answers": 2},
     "importance": {"calibration_size": 3, "max_new_tokens": 3},
