@@ -52,6 +52,7 @@ def _gptqmodel_quantize(source: str, target: Path, config, conversations, as_int
     model.quantize(with_images_loaded(conversations), batch_size=1)
     seconds = time.perf_counter() - started
     if as_int4:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)  # a scratch_dir's stage folder may not exist yet
         with tempfile.TemporaryDirectory(dir=Path(target).parent) as scratch:
             model.save(scratch)
             del model
