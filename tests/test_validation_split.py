@@ -16,7 +16,7 @@ def _params(tmp_path: Path, **data_overrides):
 
 
 def test_a_generated_validation_split_leaves_train_and_test_as_they_were(tmp_path):
-    without = data.prepare_dataset(_params(tmp_path))
+    without = data.prepare_dataset(_params(tmp_path, validation_per_disease=0))
     with_validation = data.prepare_dataset(_params(tmp_path, validation_per_disease=2))
     assert without.validation == [] and len(with_validation.validation_images) == 2 * 8
     pixels = lambda images: [data.pixel_hash(i.path) for i in images]  # noqa: E731

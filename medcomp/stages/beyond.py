@@ -229,6 +229,19 @@ def validation_naming(run, stage: str, names: Sequence[str], validation_examples
     return pd.Series(accuracy, name="validation naming")
 
 
+def validation_choices(run, stage: str, groups: dict[str, Sequence[str]], validation_examples, dtype: str, device: str, max_new_tokens: int,
+                       batch_size: int) -> pd.DataFrame:
+    """Per group of candidates (the first its baseline), each one's validation and test naming and which one is
+    chosen: by validation (``chosen_on_validation``); the test column only reports."""
+    rows = []
+    for group, names in groups.items():
+        accuracy = validation_naming(run, stage, names, validation_examples, dtype, device, max_new_tokens, batch_size)
+        chosen = chosen_on_validation(accuracy, names[0])
+        rows += [{"choice": group, "variant": name, "validation naming": accuracy[name], "test naming": naming_accuracy(run.answers(name)),
+                  "chosen": name == chosen} for name in names]
+    return pd.DataFrame(rows).set_index(["choice", "variant"])
+
+
 def chosen_on_validation(accuracy: pd.Series, baseline: str) -> str:
     """The best variant on validation; a tie goes to ``baseline`` (04's recovery), then to the first listed."""
     best = accuracy.max()
