@@ -155,7 +155,7 @@ def environment_report(device: str) -> list[str]:
 
 
 def rehearse(work_dir: Path, device: str = "auto") -> int:
-    """Build the stand-in and its data in ``work_dir``, run all seven stages, print peaks beside the plan."""
+    """Build the stand-in and its data in ``work_dir``, run all eight stages, print peaks beside the plan."""
     import os
     import time
 

@@ -2,7 +2,7 @@
 # Kaggle's image, rehearsed on any machine: a Python 3.12 venv holding what Kaggle's GPU image holds before a
 # user installs anything (torch 2.10.0, PyPI's CUDA 12.8 build; protobuf 5.29; transformers 5.23; accelerate
 # 1.15), then scripts/kaggle_install.sh exactly as a user runs it, then the 32-layer fp16 stand-in through
-# 01-07 (05 with what that install allows: bitsandbytes, since GPTQModel needs torch >= 2.14.1).
+# 01-08 (05 with what that install allows: bitsandbytes, since GPTQModel needs torch >= 2.14.1).
 # It prints the versions it ran with. CI runs it (tests/test_kaggle_image.py); on a GPU it rehearses CUDA too.
 #   bash scripts/kaggle_image_rehearsal.sh [WORK_DIR] [--device cpu|cuda|auto]
 set -euo pipefail
