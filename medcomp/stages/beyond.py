@@ -166,6 +166,11 @@ def findings(table: pd.DataFrame) -> str:
 
 # ------------------------------------------------------------------ pruning that loses less (issue 32)
 
+def _processor_for(run, variant: Variant):
+    """A full-precision variant's folder holds its processor; a 4-bit or adapter variant is served with the finetuned model's."""
+    return load_processor(variant.path if variant.extra.get("format") is None else run.variant("finetuned").path)
+
+
 def teacher_targets_for(run, stage: str, teacher_name: str, train_examples, recipe, top_k: int, dtype: str, device: str) -> TeacherTargets:
     """The teacher's top-k answer-token logits over the recovery's training sequences: computed once, in one pass
     with only the teacher loaded, and cached in the stage folder by teacher checkpoint, data and k."""
@@ -176,8 +181,7 @@ def teacher_targets_for(run, stage: str, teacher_name: str, train_examples, reci
     if path.exists():
         return TeacherTargets.load(path)
     model = load_variant(teacher, dtype, device)
-    source = teacher.path if teacher.extra.get("format") is None else run.variant("finetuned").path
-    targets = teacher_targets(model, load_processor(source), sequences, top_k, identity=identity)
+    targets = teacher_targets(model, _processor_for(run, teacher), sequences, top_k, identity=identity)
     del model
     targets.save(path)
     return targets
@@ -221,8 +225,8 @@ def validation_naming(run, stage: str, names: Sequence[str], validation_examples
             answers = json.loads(path.read_text())
         else:
             model = load_variant(variant, dtype, device)
-            answers = generate_answers(model, load_processor(variant.path if variant.extra.get("format") is None else run.variant("finetuned").path),
-                                       validation_examples, max_new_tokens, batch_size, description=f"validation ({name})")
+            answers = generate_answers(model, _processor_for(run, variant), validation_examples, max_new_tokens, batch_size,
+                                       description=f"validation ({name})")
             del model
             atomic_write_json(path, answers)
         accuracy[name] = naming_accuracy(answers)
@@ -275,8 +279,7 @@ def iterative_pruning(run, stage: str, importance_params, recovered: str, train_
     else:
         model = load_llava(finetuned.path, dtype=dtype, device=device)
         candidates = prunable_layers(len(decoder_layers(model)), importance_params.protect_first, importance_params.protect_last)
-        removed, rounds = iterative_removal(model, load_processor(finetuned.path), calibration, candidates, len(one_shot), importance_params.batch_size
-                                            if isinstance(importance_params.batch_size, int) else 16)
+        removed, rounds = iterative_removal(model, load_processor(finetuned.path), calibration, candidates, len(one_shot), importance_params.batch_size)
         del model
         saved = {"removed": removed, "rounds": [{str(k): v for k, v in r.items()} for r in rounds], "seconds": time.perf_counter() - started}
         atomic_write_json(record, saved)
