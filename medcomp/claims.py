@@ -58,6 +58,9 @@ def beyond_claims(rows: PaperRows, variants: dict[str, Any], keep: float = 0.95)
                      "not in the paper; Minitron found distillation better than SFT") for suffix in ("-kd", "-kd50")]
     claims.append(Claim(f"(this package) iterative removal (SLEB) beats the one-shot ranking after the same SFT ({first}-sleb vs {first})",
                         f"{first}-sleb", first or "", "not in the paper, which ranks once"))
+    claims.append(Claim(f"(this package) one trained block in place of a run (LLM-Streamline) beats removing the blocks, after the same SFT "
+                        f"({first}-streamline vs {first})",
+                        f"{first}-streamline", first or "", "not in the paper; LLM-Streamline reports it above LoRA recovery at the same ratio"))
     claims.append(Claim(f"(this package) distilled into 4 bits keeps ≥ {keep:.0%} of the unquantized pipeline model's score ({first}-awq-qalora-kd vs {first})",
                         f"{first}-awq-qalora-kd", first or "", f"the paper's Prune + SFT + Quant keeps {_paper_ratio('Prune + SFT + Quant'):.2f}× of its Pruning and SFT", keep))
     return [c for c in claims if c.better in variants and c.worse in variants]

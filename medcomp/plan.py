@@ -38,6 +38,7 @@ T4_SFT_SECONDS_PER_CONVERSATION_LAYER = _PAPER_SFT_MINUTES * 60 / 1737 / 25
 # Not measured by the paper or by us: AWQ's scale and clip search on a 7B model (AutoAWQ reports about
 # 10-15 minutes on an A100); a T4 is assumed 2-3x slower. Shown as an assumption wherever used.
 T4_AWQ_SECONDS_PER_LAYER = 50.0
+T4_FP32_FLOP_S = 4e12  # half the T4's 8.1 TFLOP/s fp32 peak: an assumption, as the rates above
 PROMPT_TOKENS = 48  # chat template + one question, llava-1.5's tokenizer (measured on the test questions: 30-45)
 T4_CAPABILITY = (7, 5)
 T4_AWQ_KERNEL = candidates("cuda", T4_CAPABILITY)[0][0]  # the AWQ/RTN kernel a T4 serves with (medcomp.backends)
@@ -307,7 +308,16 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
         terms["one linear dequantized (fp16)"] = 2 * shape.hidden * shape.intermediate
         plans.append(StagePlan(grid.stage, grid.step + " (one GPU: int4 loads unsplit)", terms, grid.batch_size, grid_trainings * grid.seconds,
                                f"{grid_trainings} trainings; each " + grid.how))
-    distilled = len(b.distill_alphas) * bool(b.distill_from and recovered) + bool(b.iterative_pruning and recovered)
+    distilled = len(b.distill_alphas) * bool(b.distill_from and recovered) + bool(b.iterative_pruning and recovered) + bool(b.replacement_steps and recovered)
+    if b.replacement_steps and recovered:  # 08: LLM-Streamline's one block trained alone in fp32, the fp16 model off the GPU
+        tokens = shape.image_tokens + PROMPT_TOKENS + evaluation.max_new_tokens
+        block = shape.decoder_linear_params_per_layer + shape.decoder_other_params_per_layer
+        plans.append(StagePlan("08_beyond", "LLM-Streamline: one block trained on the run's recorded hidden states (fp32, one GPU)",
+                               {"one decoder block, gradients, Adam moments (fp32)": 16 * block,
+                                f"the run's input and output, batch {imp_batch} (fp32)": 2 * imp_batch * tokens * shape.hidden * 4,
+                                "the block's activations for the backward (fp32)": 2 * (34 * tokens * imp_batch * shape.hidden + 5 * shape.heads * tokens ** 2 * imp_batch)},
+                               imp_batch, b.replacement_steps * 6 * block * imp_batch * tokens / T4_FP32_FLOP_S,
+                               f"{b.replacement_steps} steps x {imp_batch} sequences of {tokens} tokens at an assumed {T4_FP32_FLOP_S / 1e12:.0f} TFLOP/s"))
     if distilled:  # 08: the teacher's pass alone (nf4 if distill_from names the QLoRA deployment), then recoveries planned as 04's
         conversations = _training_conversations(params)
         teacher_bits = 4 if b.distill_from and b.distill_from.endswith("qlora") else 16
@@ -315,7 +325,7 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                                   {k: v for k, v in generation_plan(shape, 4, evaluation.max_new_tokens, bits=teacher_bits, method="nf4").items() if k != "KV cache"},
                                   4, conversations * (shape.image_tokens + PROMPT_TOKENS + evaluation.max_new_tokens) * T4_SECONDS_PER_TOKEN / 64,
                                   f"{conversations} sequences, prefill only (an assumed 64 tokens per generated token's time)"), bits=teacher_bits))
-        plans.append(on(StagePlan("08_beyond", f"{distilled} recoveries as 04's (distilled, SLEB)", sft.terms, sft.batch_size, distilled * sft.seconds, sft.how),
+        plans.append(on(StagePlan("08_beyond", f"{distilled} recoveries as 04's (distilled, SLEB, LLM-Streamline)", sft.terms, sft.batch_size, distilled * sft.seconds, sft.how),
                         bits=4, removed=least_removed))
     bench = params.benchmark
     plans.append(on(StagePlan("06_benchmark", "one fp16 variant resident, batch 1", generation_plan(shape, 1, bench.new_tokens), 1,

@@ -13,7 +13,8 @@ def loss_curve(log_history: Sequence[dict[str, Any]], title: str = "QLoRA finetu
     return loss_curves({"": log_history}, title)
 
 
-def loss_curves(histories: dict[str, Sequence[dict[str, Any]]], title: str = "QLoRA finetuning loss"):
+def loss_curves(histories: dict[str, Sequence[dict[str, Any]]], title: str = "QLoRA finetuning loss",
+                ylabel: str = "cross-entropy on answer tokens", log_scale: bool = False):
     """One training-loss curve per named ``Trainer.state.log_history``, on shared axes."""
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for name, log_history in histories.items():
@@ -25,7 +26,9 @@ def loss_curves(histories: dict[str, Sequence[dict[str, Any]]], title: str = "QL
     if any(histories):
         axes.legend()
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy on answer tokens")
+    axes.set_ylabel(ylabel)
+    if log_scale:
+        axes.set_yscale("log")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     figure.tight_layout()

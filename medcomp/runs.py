@@ -43,7 +43,7 @@ class Variant:
 
 
 # Variant.extra keys that hold paths: stored run-relative like Variant.path.
-PATH_KEYS = ("adapter", "sft_base", "quantized_base")
+PATH_KEYS = ("adapter", "sft_base", "quantized_base", "replacement_block")
 
 
 class Run:

@@ -28,7 +28,7 @@ MINIMAL = {
     # every path once: AWQ (the slowest, about 4 s a layer here) on one model only
     "quantization": {"calibration_size": 2, "finetuned": ["bnb", "rtn"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [],
                      "recovered_magnitude": []},
-    "beyond": {"grid": "rtn", "quantize_then_recover": ["awq"]},
+    "beyond": {"grid": "rtn", "quantize_then_recover": ["awq"], "replacement_steps": 5, "replacement_samples": 8},
     "benchmark": {"new_tokens": 4, "warmup": 1, "repeats": 2},
 }
 
@@ -92,14 +92,18 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     for variant in ("finetuned-bnb", "finetuned-qlora", "pruned-7-awq", "recovered-7-rtn", "recovered-7-qlora", "pruned-7-awq-sft",
                     "finetuned-rtn-qalora", "recovered-7-rtn-qalora", "finetuned-rtn-lora", "recovered-7-rtn-lora"):
         assert run.variant(variant).bits == 4 and len(run.answers(variant)) == 8 * 3, variant
-    for variant in ("finetuned-gptq", "recovered-7-gptq", "recovered-7-kd", "recovered-7-kd50"):  # 08's GPTQ and distilled recoveries
+    streamline = run.variant("pruned-7-streamline")  # 8 contiguous blocks out, one trained block in: pruned-7's depth
+    start, stop = streamline.extra["rebuild"]["start"], streamline.extra["rebuild"]["stop"]
+    assert stop - start == 8 and streamline.layers_removed == tuple(range(start + 1, stop)) and 2 <= start and stop <= 29
+    assert streamline.parameters == run.variant("pruned-7").parameters and run.variant("recovered-7-streamline").parent == "pruned-7-streamline"
+    for variant in ("finetuned-gptq", "recovered-7-gptq", "recovered-7-kd", "recovered-7-kd50", "pruned-7-streamline", "recovered-7-streamline"):
         assert len(run.answers(variant)) == 8 * 3, variant
     assert run.variant("finetuned-gptq").extra["format"] == "int4" and run.variant("recovered-7-kd").parent == "pruned-7"
     for variant, blocks in (("finetuned-rtn-qalora", 30), ("recovered-7-rtn-qalora", 30 - 7), ("recovered-7-rtn-qalora-kd", 30 - 7)):
         extra = run.variant(variant).extra
         assert extra["format"] == "int4" and extra["adapters folded"] == blocks * 7 and extra["fold error"] < 1e-5, variant
     beyond_report = (run_dir / "08_beyond.html").read_text()
-    for text in ("fold error (fp32)", "Chosen on validation", "validation naming", "re-ranking after each removal"):
+    for text in ("fold error (fp32)", "Chosen on validation", "validation naming", "re-ranking after each removal", "one trained block in place of a run"):
         assert text in beyond_report, text
     benchmark_report = (run_dir / "06_benchmark.html").read_text()
     for text in ("Table 4, efficiency columns", "decode ms/token", "Where a decoded token", "What a T4 would be bound by", "paper: VRAM GB"):
@@ -144,8 +148,10 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
         if page != "index.html":
             assert seen["folds"] > 0 and seen["closedHidden"] and seen["openShown"] and seen["closedAgain"], (page, seen)
 
+    from medcomp.runner import RUN_ORDER
+
     again = run_cli("run", str(params), "--run-dir", str(run_dir), cache=cache)
-    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 7
+    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == len(RUN_ORDER) == 8
 
     # A run folder saved in one session and restored in another (Kaggle: output attached as input) is a
     # copy: new paths, new modification times. 04 is made to run again, as if interrupted before it finished.
@@ -159,7 +165,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     written = {p: p.stat().st_mtime_ns for p in checkpoints}
     continued = run_cli("run", str(params), "--run-dir", str(moved), cache=cache)
     assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
-    assert continued.stdout.count("reusing the finished stage") == 3  # 01-03; 04 reran, so 05-07 follow it
+    assert continued.stdout.count("reusing the finished stage") == 3  # 01-03; 04 reran, so 05, 08, 06 and 07 follow it
     recovery = (moved / "04_sft_pruned.ipynb").read_text()
     assert "recovered-7: reused" in recovery and "trained" not in recovery.split("recovered-7: reused")[0][-200:]
     assert written and all(p.stat().st_mtime_ns == mtime for p, mtime in written.items()), "a checkpoint was rebuilt after the move"
@@ -203,6 +209,9 @@ def test_kaggle_t4_runs_01_to_08_on_a_32_layer_fp16_standin(tmp_path, cache, syn
                 "recovered-7-awq-qalora-kd"}
     assert four_bit <= set(variants) and all(variants[name].bits == 4 for name in four_bit)
     assert {"recovered-7-kd", "recovered-7-kd50"} <= set(variants)  # distilled recoveries of the fp16 stand-in
+    streamline = variants["pruned-7-streamline"]  # one fp32-trained block saved into the fp16 model, 25 blocks as pruned-7
+    config = json.loads((Path(streamline.path) / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 25 and config["text_config"]["dtype"] == "float16" and "recovered-7-streamline" in variants
     for name in ("finetuned-awq-qalora", "recovered-7-awq-qalora", "recovered-7-awq-qalora-kd"):  # folded in fp16 activations: fp16's rounding
         assert variants[name].extra["adapters folded"] > 0 and variants[name].extra["fold error"] < 1e-2, name
 

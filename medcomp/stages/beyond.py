@@ -293,3 +293,78 @@ def iterative_pruning(run, stage: str, importance_params, recovered: str, train_
     result = recover(run, stage, RecoveryStep(name, name.replace("pruned-", "recovered-", 1), source.extra.get("fraction")), train_examples, test_examples,
                      recipe, dtype, device, max_new_tokens, batch_size, seed)
     return outcome | {"recovered": result["variant"], "naming before SFT": result["naming before SFT"], "naming after SFT": result["naming after SFT"]}
+
+
+def block_replacement(run, stage: str, settings, importance_params, recovered: str, train_examples, test_examples, recipe, dtype: str,
+                      device: str, max_new_tokens: int, batch_size: int, seed: int = 0, validation_examples=()) -> dict[str, Any]:
+    """LLM-Streamline (``medcomp.replacement``) at the depth of ``recovered``'s pruned model (N blocks removed): the most
+    similar contiguous run of N + 1 removable blocks of the finetuned model is replaced by one block trained on its hidden
+    states (``pruned-N-streamline``: the block count and bytes of ``pruned-N``), then recovered with 04's recipe
+    (``recovered-N-streamline``). The span, the trained block and its record are cached by the finetuned checkpoint, the
+    training sample and the settings. The block's error is also measured on ``validation_examples`` (held out)."""
+    import json
+
+    from medcomp import replacement
+    from medcomp.encoding import teacher_forced_batches
+    from medcomp.files import atomic_write_json
+    from medcomp.importance import sample_calibration
+    from medcomp.loading import count_parameters, decoder_layers, load_llava, release_accelerator_memory
+    from medcomp.pruning import prunable_layers
+    from medcomp.stages.materialise import replace_recipe
+
+    source = run.variant(recovered)
+    count = len(run.variant(source.parent).layers_removed)
+    finetuned = ensure(run, "finetuned")
+    examples = sample_calibration(train_examples, min(settings.replacement_samples, len(train_examples)), seed)
+    key = content_hash([checkpoint_identity(finetuned.path), [(e.image, e.question) for e in [*examples, *validation_examples]], count,
+                        settings.replacement_steps, settings.replacement_learning_rate, importance_params.protect_first, importance_params.protect_last,
+                        importance_params.batch_size, seed], 12)
+    record_path, block_path = run.stage_dir(stage) / f"streamline-{key}.json", run.stage_dir(stage) / f"streamline-{key}.safetensors"
+    if record_path.exists() and block_path.exists():
+        saved = json.loads(record_path.read_text())
+    else:
+        started = time.perf_counter()
+        model = load_llava(finetuned.path, dtype=dtype, device=device)
+        batches = teacher_forced_batches(load_processor(finetuned.path), examples, importance_params.batch_size)
+        candidates = prunable_layers(len(decoder_layers(model)), importance_params.protect_first, importance_params.protect_last)
+        similarities = replacement.span_similarities(model, batches, count + 1, candidates)
+        start = replacement.choose_span(similarities)
+        recorded = replacement.record_run(model, batches, start, start + count + 1)
+        held_out = replacement.record_run(model, teacher_forced_batches(load_processor(finetuned.path), validation_examples, importance_params.batch_size),
+                                          start, start + count + 1) if validation_examples else None
+        span = {i: replacement.detached_copy(decoder_layers(model)[i], "cpu", None) for i in range(start, start + count + 1)}
+        del model  # on a T4 the fp16 model leaves the GPU before the block trains in fp32
+        release_accelerator_memory()
+        trained = replacement.train_replacement(span, recorded, settings.replacement_steps, settings.replacement_learning_rate, device, seed)
+        replacement.save_block(trained.block, block_path)
+        validation_error = replacement.relative_error(trained.block, held_out, device) if held_out else None
+        del recorded, span, held_out
+        saved = {"span": [start, start + count + 1], "span similarities": {str(k): v for k, v in similarities.items()},
+                 "initialised from": trained.initialised_from, "error before": trained.error_before, "error after": trained.error_after,
+                 "validation error": validation_error,
+                 "losses": trained.losses, "training seconds": trained.seconds, "seconds": time.perf_counter() - started}
+        atomic_write_json(record_path, saved)
+    start, stop = saved["span"]
+    name = f"pruned-{count}-streamline"
+    setup = [checkpoint_identity(finetuned.path), replacement.block_identity(block_path)]
+    existing = run.variants().get(name)
+    if existing is None or existing.extra.get("setup") != json.loads(json.dumps(setup)) or not run.has_answers(name):
+        target = replacement.replace_and_save(finetuned.path, start, stop, block_path, run.model_dir(stage, name), dtype)
+        model = load_llava(str(target), dtype=dtype, device=device)
+        variant = Variant(name=name, stage=stage, path=str(target), parent="finetuned", layers_removed=tuple(range(start + 1, stop)),
+                          bits=finetuned.bits, parameters=count_parameters(model),
+                          notes=f"blocks {start}-{stop - 1} replaced by one trained block (LLM-Streamline)",
+                          extra={"rebuild": replace_recipe("finetuned", start, stop, dtype), "replacement_block": str(block_path), "setup": setup,
+                                 "fraction": source.extra.get("fraction")})
+        answers = generate_answers(model, load_processor(str(target)), test_examples, max_new_tokens, batch_size, description=f"answering ({name})")
+        del model
+        run.register_variant(variant)
+        run.save_answers(name, answers)
+    result = recover(run, stage, RecoveryStep(name, name.replace("pruned-", "recovered-", 1), source.extra.get("fraction")), train_examples,
+                     test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed)
+    return {"span (blocks replaced)": f"{start}-{stop - 1}", "one-shot blocks": sorted(run.variant(source.parent).layers_removed),
+            "initialised from block": saved["initialised from"], "relative error before training": saved["error before"],
+            "relative error after training": saved["error after"], "relative error on validation": saved["validation error"],
+            "replacement seconds": round(saved["seconds"], 1),
+            "recovered": result["variant"], "naming before SFT": result["naming before SFT"], "naming after SFT": result["naming after SFT"],
+            "span similarities": saved["span similarities"], "log_history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(saved["losses"])]}

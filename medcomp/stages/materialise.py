@@ -2,10 +2,10 @@
 
 A run folder must cross Kaggle sessions inside ~20 GB, and a 7B run writes ~150 GB of models. So
 the merged and pruned models record how they were made (``extra["rebuild"]``): a pruned model is its
-parent with layers removed, a merged model its base with its adapter (the adapter, a few MB, stays in
-the run folder). Their folders can live in ``runtime.scratch_dir``; a later session that lacks one
+parent with layers removed (or a run of them replaced by a trained block, which stays in the run folder), a
+merged model its base with its adapter (the adapter, a few MB, stays in the run folder). Their folders can live in ``runtime.scratch_dir``; a later session that lacks one
 gets it back through ``ensure``, recursively (a recovered model needs its pruned model, which needs
-the finetuned one). Both steps are deterministic and stamp the same write id on a rebuild as on the
+the finetuned one). Every step is deterministic and stamp the same write id on a rebuild as on the
 first build, so nothing computed from the first (answers, recovery, quantization) is redone.
 4-bit checkpoints have no cheap recipe: 05 and 06 run in one session (README's session plan).
 """
@@ -17,12 +17,18 @@ from typing import Any
 
 from medcomp.params import FinetuneParams
 from medcomp.pruning import prune_and_save
+from medcomp.replacement import replace_and_save
 from medcomp.runs import Run, Variant
 from medcomp.training import merge_adapter, qlora_quantization
 
 
 def prune_recipe(parent: str, layers: tuple[int, ...] | list[int], dtype: str) -> dict[str, Any]:
     return {"kind": "prune", "parent": parent, "layers": sorted(layers), "dtype": dtype}
+
+
+def replace_recipe(parent: str, start: int, stop: int, dtype: str) -> dict[str, Any]:
+    """Blocks ``start .. stop - 1`` of ``parent`` replaced by the trained block in the variant's ``extra["replacement_block"]``."""
+    return {"kind": "replace", "parent": parent, "start": start, "stop": stop, "dtype": dtype}
 
 
 def merge_recipe(base_variant: str | None, base: str, dtype: str, params: FinetuneParams) -> dict[str, Any]:
@@ -44,6 +50,10 @@ def ensure(run: Run, name: str) -> Variant:
         parent = ensure(run, recipe["parent"])
         print(f"[medcomp] rebuilding {name}: {parent.name} without layers {recipe['layers']}")
         prune_and_save(parent.path, recipe["layers"], Path(variant.path), recipe["dtype"])
+    elif recipe["kind"] == "replace":
+        parent = ensure(run, recipe["parent"])
+        print(f"[medcomp] rebuilding {name}: {parent.name} with blocks {recipe['start']}-{recipe['stop'] - 1} replaced by its trained block")
+        replace_and_save(parent.path, recipe["start"], recipe["stop"], Path(variant.extra["replacement_block"]), Path(variant.path), recipe["dtype"])
     elif recipe["kind"] == "merge":
         base = ensure(run, recipe["base_variant"]).path if recipe["base_variant"] else recipe["base"]
         print(f"[medcomp] rebuilding {name}: its adapter merged into {recipe['base_variant'] or base}")
