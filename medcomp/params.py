@@ -214,7 +214,7 @@ class BeyondParams(Strict):
     distill_temperature: float = Field(2.0, gt=0, le=20)
     distill_top_k: int = Field(64, ge=1, le=1_000_000, description="teacher tokens kept per answer position (their mass is reported)")
     iterative_pruning: bool = Field(True, description="SLEB: re-rank after each removal (02's perplexity replay); recovered with 04's recipe if its blocks differ")
-    replacement_steps: int = Field(300, ge=0, le=100_000, description="LLM-Streamline: one block trained (MSE, Adam) in place of the most similar "
+    replacement_steps: int = Field(300, ge=0, le=100_000, description="LLM-Streamline: one block trained (error per token, Adam) in place of the most similar "
                                    "contiguous run one block longer than 04's level, then 04's recovery; 0 = off")
     replacement_learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam's; choose it by the block's error on validation (08 shows it)")
     replacement_samples: int = Field(64, ge=1, le=100_000, description="training conversations whose hidden states it learns from (batches of 02's size)")

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from medcomp.files import atomic_write_json, atomic_write_text
+from medcomp.goals import goal_verdicts, goals_table
 from medcomp.paper import TABLE_4
 from medcomp.params import REPO_ROOT, Params
 from medcomp.runs import Run
@@ -55,7 +56,27 @@ def run_results(run_dir: Path | str) -> dict[str, Any]:
             "scores": {} if scores is None else {variant: float(row["score"]) for variant, row in scores.iterrows()},
             "table 4": {} if table_4 is None else {method: row["variant"] for method, row in table_4.iterrows()},
             "verdicts": {} if verdicts is None else {claim: {"verdict": row["verdict"], "difference": row["difference [95% CI]"]}
-                                                   for claim, row in verdicts.iterrows()}}
+                                                   for claim, row in verdicts.iterrows()},
+            "efficiency": efficiency(run_dir), "training seconds": training_seconds(run_dir)}
+
+
+def efficiency(run_dir: Path) -> dict[str, dict[str, float]]:
+    """06's measurement of each variant: its tensors' bytes and its median decode time per token."""
+    import statistics
+
+    path = run_dir / "stages" / "06_benchmark" / "benchmark.json"
+    measured = json.loads(path.read_text())["measurements"] if path.exists() else []
+    return {m["variant"]: {"model bytes": m["model_bytes"], "decode ms/token": statistics.median(m["decode_ms"])} for m in measured if m["decode_ms"]}
+
+
+def training_seconds(run_dir: Path) -> dict[str, float]:
+    """Each recovery's training time (04's, and 08's distilled, SLEB and block-replacement recoveries)."""
+    stages = run_dir / "stages"
+    seconds = {path.parent.name: json.loads(path.read_text())["result"]["SFT seconds"] for path in sorted(stages.glob("*/*/recovery.json"))}
+    for path in sorted(stages.glob("08_beyond/streamline-*.json")):  # the replacement block's training, before its recovery
+        record = json.loads(path.read_text())
+        seconds[f"pruned-{record['span'][1] - record['span'][0] - 1}-streamline"] = record["seconds"]
+    return seconds
 
 
 def write_run_results(run_dir: Path | str) -> Path:
@@ -123,6 +144,16 @@ def committed(directory: Path = RESULTS_DIR) -> list[dict[str, Any]]:
     return [{**json.loads(path.read_text()), "file": path.name} for path in sorted(Path(directory).glob("*.json"))]
 
 
+def newest_sweep(world: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    """The newest committed sweep of ``world`` (``results/``), or None."""
+    sweeps = [r for r in committed(directory) if r.get("kind") == "sweep" and r.get("world") == world]
+    return sweeps[-1] if sweeps else None
+
+
+def label(result: dict[str, Any]) -> str:
+    return _label(result)
+
+
 def _label(result: dict[str, Any]) -> str:
     commit = (result.get("git") or {}).get("commit") or "?"
     return f"{str(result.get('date') or '?')[:10]}, `{commit[:7]}`"
@@ -174,7 +205,18 @@ def results_page(results: list[dict[str, Any]]) -> str:
             parts += [f"| {claim} | **{v['verdict over points']}** | {v['holds on']} / {v['within noise on']} / {v['does not hold on']} | "
                       f"{'—' if v['mean difference'] is None else format(v['mean difference'], '+.1f')} | {v['interval over points']} |" for claim, v in over.items()]
             parts.append("")
+        goals = goals_table(result) if result.get("kind") == "sweep" else pd.DataFrame()
+        if not goals.empty:
+            parts += ["The issues' goals for 08's models (`medcomp.goals`; ratios within a point, then averaged):\n",
+                      *[f"- {goal}: {verdict}" for goal, verdict in goal_verdicts(goals).items()], "",
+                      _markdown(goals.reset_index()), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cell = lambda v: "—" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns),
+                      *["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]])
 
 
 def _annotation(annotation: Any) -> str:

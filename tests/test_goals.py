@@ -1,0 +1,53 @@
+"""The issues' goals over a sweep record: ratios within a point then averaged, each threshold checked."""
+
+import pytest
+
+from medcomp.goals import Goal, goal_verdicts, goals_table, issue_goals
+
+
+def _point(scores, efficiency, training=None):
+    return {"scores": scores, "efficiency": {v: {"model bytes": b, "decode ms/token": d} for v, (b, d) in efficiency.items()},
+            "training seconds": training or {}}
+
+
+RECORD = {"table 4": {"Pruning and SFT": "recovered-7"}, "points": {
+    "seed=0": _point({"finetuned": 100.0, "finetuned-awq": 90.0, "finetuned-gptq": 98.0, "recovered-7": 80.0, "recovered-7-kd": 96.0,
+                      "recovered-7-streamline": 99.0},
+                     {"finetuned": (1000, 50.0), "finetuned-awq": (340, 30.0), "finetuned-gptq": (340, 31.0)},
+                     {"recovered-7": 100.0, "recovered-7-kd": 120.0, "recovered-7-streamline": 100.0, "pruned-7-streamline": 80.0}),
+    "seed=1": _point({"finetuned": 50.0, "finetuned-awq": 45.0, "finetuned-gptq": 49.0, "recovered-7": 40.0, "recovered-7-kd": 44.0,
+                      "recovered-7-streamline": 49.5},
+                     {"finetuned": (1000, 50.0), "finetuned-awq": (340, 30.0), "finetuned-gptq": (340, 33.0)},
+                     {"recovered-7": 100.0, "recovered-7-kd": 120.0, "recovered-7-streamline": 100.0, "pruned-7-streamline": 80.0}),
+}}
+
+
+def test_each_candidate_is_checked_against_every_threshold_of_its_goal():
+    table = goals_table(RECORD)
+    finetuned = "#31: a 4-bit finetuned model that keeps the finetune (score ≥ 0.97× finetuned's (mean); bytes ≤ 0.35× finetuned's; decode ≤ 1.05× finetuned-awq's)"
+    gptq = table.loc[(finetuned, "finetuned-gptq")]
+    assert gptq["points"] == 2 and gptq["score ratio (mean)"] == pytest.approx((0.98 + 0.98) / 2)
+    assert gptq["bytes ratio"] == pytest.approx(0.34)
+    assert gptq["decode ratio"] == pytest.approx((31 / 30 + 33 / 30) / 2)  # 1.067: too slow
+    assert not gptq["meets the goal"]
+    assert not table.loc[(finetuned, "finetuned-awq"), "meets the goal"]  # 0.90× the score
+    recovery = next(goal for goal in table.index.get_level_values("goal") if goal.startswith("#32: a recovery"))
+    assert recovery.endswith("(score ≥ 0.95× finetuned's (mean); no point below 0.9×; training time ≤ 1.5× recovered-7's)")
+    kd = table.loc[(recovery, "recovered-7-kd")]  # 0.96 and 0.88 of the finetuned model: the mean passes, one seed does not
+    assert kd["score ratio (mean)"] == pytest.approx(0.92) and kd["lowest point's ratio"] == pytest.approx(0.88)
+    assert not kd["meets the goal"]
+    streamline = table.loc[(recovery, "recovered-7-streamline")]  # its replaced block's 80 s counts: 180 s against 100 s
+    assert streamline["training-time ratio"] == pytest.approx(1.8) and not streamline["meets the goal"]
+    verdicts = goal_verdicts(table)
+    assert verdicts[recovery].startswith("not met; the highest score ratio is `recovered-7-streamline`'s, 0.99×")
+
+
+def test_a_goal_is_met_by_the_candidates_that_pass_every_check():
+    goal = Goal("fast enough", "finetuned", ("finetuned-gptq", "finetuned-awq"), 0.97, bytes_reference="finetuned", max_bytes_ratio=0.35,
+                decode_reference="finetuned-awq", max_decode_ratio=1.10)
+    table = goals_table(RECORD, [goal])
+    assert list(table["meets the goal"]) == [True, False]
+    assert goal_verdicts(table) == {"fast enough (score ≥ 0.97× finetuned's (mean); bytes ≤ 0.35× finetuned's; decode ≤ 1.1× finetuned-awq's)":
+                                    "met by `finetuned-gptq`"}
+    assert [g.reference for g in issue_goals("recovered-9")][1] == "recovered-9"
+    assert goals_table({"points": {}}).empty
