@@ -160,11 +160,12 @@ def _label(result: dict[str, Any]) -> str:
 
 
 def headline_table(results: list[dict[str, Any]]) -> str:
-    """The paper's Table 4 beside the newest embedded sweep: each row's score, mean ± sd over its points."""
+    """The paper's Table 4 beside the embedded sweep with the most points (the newest of those): each row's score,
+    mean ± sd over its points. A shorter newer sweep does not displace a longer one from the headline."""
     sweeps = [r for r in results if r.get("kind") == "sweep" and r.get("world") == "embedded"]
     if not sweeps:
         return "No embedded sweep has been committed under `results/` yet."
-    sweep = sweeps[-1]
+    sweep = max(reversed(sweeps), key=lambda r: r.get("point count") or len(r.get("points") or {}))
     spread, rows = sweep["score spread"], sweep.get("table 4", {})
     points = sweep.get("point count") or len(sweep.get("points") or {}) or "?"
     finetuned = spread.get(rows.get("Original LLaVA", "finetuned"), {}).get("mean")

@@ -62,3 +62,21 @@ def test_a_sweep_writes_its_points_the_score_spread_and_the_verdicts_over_points
     assert record["verdicts over points"]["the pipeline beats X"]["interval over points"] == "[-2.0, +9.0]"
     table = results.headline_table([{**record, "file": "x.json"}])
     assert "| Prune + SFT + Quant | 54.25 | 0.68× | 65.0 ± 7.1 (`recovered-7-awq`) | 0.66× |" in table and "2026-12-05, `abcdef1`" in table
+    shorter = {**record, "file": "y.json", "point count": 1, "score spread": {"recovered-7-awq": {"mean": 10.0, "sd": 0.0}}}
+    assert "65.0 ± 7.1" in results.headline_table([{**record, "file": "x.json"}, shorter])  # a newer sweep of fewer seeds does not displace it
+    assert "(`y.json`" not in results.headline_table([{**record, "file": "x.json"}, shorter])
+    assert "`results/z.json`" in results.headline_table([{**record, "file": "x.json"}, {**record, "file": "z.json"}])  # ties: the newest
+
+
+def test_results_records_carry_each_variants_bytes_decode_and_recovery_time(tmp_path):
+    run_dir = _fake_run(tmp_path / "seed0", 0, 60.0, "holds", "+5.0 [+1.0, +9.0]")
+    (run_dir / "stages" / "06_benchmark").mkdir(parents=True)
+    (run_dir / "stages" / "06_benchmark" / "benchmark.json").write_text(json.dumps({"measurements": [
+        {"variant": "finetuned", "model_bytes": 1000, "decode_ms": [50.0, 40.0, 45.0]}, {"variant": "x", "model_bytes": 9, "decode_ms": []}]}))
+    for stage, name, seconds in (("04_sft_pruned", "recovered-7", 30.0), ("08_beyond", "recovered-7-streamline", 31.0)):
+        (run_dir / "stages" / stage / name).mkdir(parents=True)
+        (run_dir / "stages" / stage / name / "recovery.json").write_text(json.dumps({"result": {"SFT seconds": seconds}}))
+    (run_dir / "stages" / "08_beyond" / "streamline-abc.json").write_text(json.dumps({"span": [12, 20], "seconds": 40.0}))
+    record = results.run_results(run_dir)
+    assert record["efficiency"] == {"finetuned": {"model bytes": 1000, "decode ms/token": 45.0}}  # the median; unmeasured left out
+    assert record["training seconds"] == {"recovered-7": 30.0, "recovered-7-streamline": 31.0, "pruned-7-streamline": 40.0}
