@@ -12,11 +12,11 @@ def _point(scores, efficiency, training=None):
 
 RECORD = {"table 4": {"Pruning and SFT": "recovered-7"}, "points": {
     "seed=0": _point({"finetuned": 100.0, "finetuned-awq": 90.0, "finetuned-gptq": 98.0, "recovered-7": 80.0, "recovered-7-kd": 96.0,
-                      "recovered-7-streamline": 99.0},
+                      "recovered-7-streamline": 99.0, "pruned-7-streamline": 90.0},
                      {"finetuned": (1000, 50.0), "finetuned-awq": (340, 30.0), "finetuned-gptq": (340, 31.0)},
                      {"recovered-7": 100.0, "recovered-7-kd": 120.0, "recovered-7-streamline": 100.0, "pruned-7-streamline": 80.0}),
     "seed=1": _point({"finetuned": 50.0, "finetuned-awq": 45.0, "finetuned-gptq": 49.0, "recovered-7": 40.0, "recovered-7-kd": 44.0,
-                      "recovered-7-streamline": 49.5},
+                      "recovered-7-streamline": 49.5, "pruned-7-streamline": 45.0},
                      {"finetuned": (1000, 50.0), "finetuned-awq": (340, 30.0), "finetuned-gptq": (340, 33.0)},
                      {"recovered-7": 100.0, "recovered-7-kd": 120.0, "recovered-7-streamline": 100.0, "pruned-7-streamline": 80.0}),
 }}
@@ -38,6 +38,8 @@ def test_each_candidate_is_checked_against_every_threshold_of_its_goal():
     assert not kd["meets the goal"]
     streamline = table.loc[(recovery, "recovered-7-streamline")]  # its replaced block's 80 s counts: 180 s against 100 s
     assert streamline["training-time ratio"] == pytest.approx(1.8) and not streamline["meets the goal"]
+    alone = table.loc[(recovery, "pruned-7-streamline")]  # the replaced block without SFT: its own 80 s only
+    assert alone["training-time ratio"] == pytest.approx(0.8) and alone["score ratio (mean)"] == pytest.approx(0.9)
     verdicts = goal_verdicts(table)
     assert verdicts[recovery].startswith("not met; the highest score ratio is `recovered-7-streamline`'s, 0.99×")
 
