@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medcomp.files import atomic_write_bytes, atomic_write_json, content_hash
+from medcomp.importance import layer_inputs
 from medcomp.loading import checkpoint_identity, decoder_layers, load_llava, load_processor, save_with_processor, to_model
 from medcomp.pruning import drop_layers
 
@@ -77,7 +78,7 @@ def record_run(model, batches: Sequence[dict[str, torch.Tensor]], start: int, st
         for batch in batches:
             batch = to_model(batch, model)
             try:
-                base.model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_span", "example_index")}, use_cache=False)
+                base.model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_span")}, use_cache=False)
             except _Stop:
                 pass
             record.masks.append(batch["attention_mask"].to("cpu").bool())
@@ -89,36 +90,22 @@ def record_run(model, batches: Sequence[dict[str, torch.Tensor]], start: int, st
 
 @torch.no_grad()
 def span_similarities(model, batches: Sequence[dict[str, torch.Tensor]], length: int, candidates: Sequence[int]) -> dict[int, float]:
-    """For each start ``i`` whose run ``i .. i + length - 1`` lies within ``candidates``: the mean cosine between the
-    hidden states entering block ``i`` and leaving block ``i + length - 1``, over attended tokens."""
+    """For each start ``i`` whose run ``i .. i + length - 1`` lies within ``candidates`` (and is followed by a block): the
+    mean cosine between the hidden states entering block ``i`` and entering block ``i + length``, over attended tokens.
+    The inputs are recorded on the CPU by 02's ``importance.layer_inputs``: a 7B model's would not fit beside it on a T4."""
     blocks = decoder_layers(model)
     allowed = set(candidates)
-    starts = [i for i in sorted(allowed) if all(j in allowed for j in range(i, i + length))]
+    starts = [i for i in sorted(allowed) if all(j in allowed for j in range(i, i + length)) and i + length < len(blocks)]
     if not starts:
         raise ValueError(f"no run of {length} contiguous blocks among the removable ones {sorted(allowed)}")
     totals = {i: 0.0 for i in starts}
     count = 0
     for batch in batches:
         batch = to_model(batch, model)
-        states: dict[int, torch.Tensor] = {}
-
-        def keep(index):
-            def hook(module, args, kwargs, output):
-                states[index] = (output[0] if isinstance(output, tuple) else output).float()
-            return hook
-
-        handles = [block.register_forward_hook(keep(i), with_kwargs=True) for i, block in enumerate(blocks)]
-        handles.append(blocks[0].register_forward_pre_hook(lambda m, a, k: states.__setitem__(-1, (a[0] if a else k["hidden_states"]).float()),
-                                                           with_kwargs=True))
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        try:
-            base.model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_span", "example_index")}, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        mask = batch["attention_mask"].bool()
-        for i in starts:  # the input of block i is the output of block i - 1
-            cosine = torch.nn.functional.cosine_similarity(states[i - 1], states[i + length - 1], dim=-1)
+        inputs = layer_inputs(model, batch, sorted({*starts, *(i + length for i in starts)}))
+        mask = batch["attention_mask"].bool().cpu()
+        for i in starts:
+            cosine = torch.nn.functional.cosine_similarity(inputs[i].float(), inputs[i + length].float(), dim=-1)
             totals[i] += float(cosine[mask].sum())
         count += int(mask.sum())
     return {i: totals[i] / count for i in starts}

@@ -151,10 +151,6 @@ def newest_sweep(world: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | 
 
 
 def label(result: dict[str, Any]) -> str:
-    return _label(result)
-
-
-def _label(result: dict[str, Any]) -> str:
     commit = (result.get("git") or {}).get("commit") or "?"
     return f"{str(result.get('date') or '?')[:10]}, `{commit[:7]}`"
 
@@ -178,7 +174,7 @@ def headline_table(results: list[dict[str, Any]]) -> str:
         cell = f"{ours['mean']:.1f} ± {ours['sd']:.1f} (`{variant}`)" if ours else "not in this record"
         lines.append(f"| {method} | {paper:.2f} | {paper / TABLE_4['score'].iloc[0]:.2f}× | {cell} | {share} |")
     how = "transcribed from measurements made before results files existed" if sweep.get("source") else "machine-written by `medcomp sweep`"
-    source = f"from `results/{sweep['file']}` ({_label(sweep)}; {how})"
+    source = f"from `results/{sweep['file']}` ({label(sweep)}; {how})"
     return "\n".join(lines) + f"\n\nEmbedded: a 135M-parameter LLaVA on synthetic DermNet-layout images, proxy-judged; {source}."
 
 
@@ -187,7 +183,7 @@ def results_page(results: list[dict[str, Any]]) -> str:
     parts = ["# Results\n", "Rendered by `python -m medcomp docs` from the files under `results/` (one per measured run, never edited); "
              "do not edit this page by hand. The paper's own numbers are in `medcomp/paper.py`.\n", "## Headline\n", headline_table(results), ""]
     for result in reversed(results):
-        parts.append(f"## `{result['file']}`: {result.get('kind')}, {result.get('world')}, {_label(result)}\n")
+        parts.append(f"## `{result['file']}`: {result.get('kind')}, {result.get('world')}, {label(result)}\n")
         if result.get("source"):
             parts.append(f"Source: {result['source']}\n")
         cpu = (result.get("numerics") or {}).get("cpu") or (result.get("hardware") or {}).get("cpu")

@@ -325,12 +325,13 @@ def block_replacement(run, stage: str, settings, importance_params, recovered: s
     else:
         started = time.perf_counter()
         model = load_llava(finetuned.path, dtype=dtype, device=device)
-        batches = teacher_forced_batches(load_processor(finetuned.path), examples, importance_params.batch_size)
+        processor = load_processor(finetuned.path)
+        batches = teacher_forced_batches(processor, examples, importance_params.batch_size)
         candidates = prunable_layers(len(decoder_layers(model)), importance_params.protect_first, importance_params.protect_last)
         similarities = replacement.span_similarities(model, batches, count + 1, candidates)
         start = replacement.choose_span(similarities)
         recorded = replacement.record_run(model, batches, start, start + count + 1)
-        held_out = replacement.record_run(model, teacher_forced_batches(load_processor(finetuned.path), validation_examples, importance_params.batch_size),
+        held_out = replacement.record_run(model, teacher_forced_batches(processor, validation_examples, importance_params.batch_size),
                                           start, start + count + 1) if validation_examples else None
         span = {i: replacement.detached_copy(decoder_layers(model)[i], "cpu", None) for i in range(start, start + count + 1)}
         del model  # on a T4 the fp16 model leaves the GPU before the block trains in fp32
