@@ -9,8 +9,9 @@ found it better than ground-truth SFT at a fraction of the data. Here the loss i
 with the teacher's distribution kept on its ``top_k`` tokens (renormalised): at a 49k-token vocabulary the full
 logits of every training answer would take gigabytes, and the top 64 hold nearly all of a finetuned model's mass
 (``TeacherTargets.mass`` says how much). The teacher's outputs are computed once, in one no-grad pass before
-training (the teacher and the student are never on the GPU together: on a T4 each needs most of it), and cached
-by teacher checkpoint, data and ``top_k``; a training step then costs one student forward and backward.
+training over the examples the student's steps will draw (the teacher and the student are never on the GPU
+together: on a T4 each needs most of it), and cached by teacher checkpoint, data, steps and ``top_k``; a training
+step then costs one student forward and backward.
 Written here rather than taken from a library: TRL's ``GKDTrainer`` runs the teacher at every step and on whole
 sequences; this loss must match 04's (answer tokens, same batches) to compare the two fairly.
 """
@@ -30,11 +31,12 @@ from medcomp.loading import to_model
 
 @dataclass
 class TeacherTargets:
-    """Per training example (in the order the training set lists them), the teacher's top-k logits and their token
-    ids at each answer position (the positions 04's loss scores, in order)."""
+    """Per training example (keyed by its index in the training set), the teacher's top-k logits and their token ids
+    at each answer position (the positions 04's loss scores, in order). Only the examples the student will see need
+    be there (``training.visited_indices``)."""
 
-    logits: list[torch.Tensor]  # (answer tokens, k) float32
-    indices: list[torch.Tensor]  # (answer tokens, k) int64
+    logits: dict[int, torch.Tensor]  # (answer tokens, k) float32
+    indices: dict[int, torch.Tensor]  # (answer tokens, k) int64
     mass: float  # mean probability (at temperature 1) the top k hold
     identity: str  # teacher checkpoint, data and k: what the cache is valid for
 
@@ -67,22 +69,24 @@ def _answer_logits(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def teacher_targets(teacher, processor, examples: Sequence[Any], top_k: int = 64, batch_size: int = 16, identity: str = "") -> TeacherTargets:
-    """One no-grad pass of ``teacher`` over ``examples`` (``VQAExample`` or ``VQAConversation``), keeping the top
-    ``top_k`` logits of every answer position."""
+def teacher_targets(teacher, processor, examples: Sequence[Any], top_k: int = 64, batch_size: int = 16, identity: str = "",
+                    only: Sequence[int] | None = None) -> TeacherTargets:
+    """One no-grad pass of ``teacher`` over ``examples`` (``VQAExample`` or ``VQAConversation``), or over those at the
+    indices ``only`` (the ones training will draw), keeping the top ``top_k`` logits of every answer position."""
     from tqdm.auto import tqdm
 
     teacher.eval()
     collate = LeftPadCollator(processor.tokenizer.pad_token_id)
-    logits_out, indices_out, mass = [], [], []
-    for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets", unit="batch"):
-        batch = collate([encode_for_training(processor, e) for e in examples[start:start + batch_size]])
+    wanted = sorted(set(only)) if only is not None else list(range(len(examples)))
+    logits_out, indices_out, mass = {}, {}, []
+    for start in tqdm(range(0, len(wanted), batch_size), desc="teacher targets", unit="batch"):
+        chunk = wanted[start:start + batch_size]
+        batch = collate([encode_for_training(processor, examples[i]) for i in chunk])
         logits, _, counts = _answer_logits(teacher, to_model(batch, teacher))
         top = logits.topk(top_k, dim=-1)
         mass.append(torch.softmax(logits, dim=-1).gather(1, top.indices).sum(-1))
-        for values, ids in zip(top.values.cpu().split(counts.tolist()), top.indices.cpu().split(counts.tolist())):
-            logits_out.append(values.clone())
-            indices_out.append(ids.clone())
+        for i, values, ids in zip(chunk, top.values.cpu().split(counts.tolist()), top.indices.cpu().split(counts.tolist())):
+            logits_out[i], indices_out[i] = values.clone(), ids.clone()
     return TeacherTargets(logits_out, indices_out, float(torch.cat(mass).mean()), identity)
 
 
@@ -91,6 +95,9 @@ def distillation_loss(model, batch: dict[str, Any], targets: TeacherTargets, tem
     """``alpha`` · T² · KL(teacher ‖ student) on the teacher's top-k + (1 − alpha) · 04's answer loss, averaged over
     ``num_items`` answer tokens (the accumulated batch, as Trainer counts them) or this batch's."""
     index = batch["example_index"].tolist()
+    missing = [i for i in index if i not in targets.logits]
+    if missing:
+        raise ValueError(f"teacher targets lack training examples {missing[:5]}: the cache was built for other data, steps or seed")
     logits, labels, _ = _answer_logits(model, batch)
     count = num_items if num_items is not None else labels.numel()
     teacher_logits = torch.cat([targets.logits[i] for i in index]).to(logits.device)

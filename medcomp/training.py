@@ -293,6 +293,22 @@ def finetune_on_quantized(
     return replace(result, merged_dir=Path(quantized_source))
 
 
+def visited_indices(count: int, params: FinetuneParams, seed: int) -> list[int]:
+    """The training-set indices ``_train``'s Trainer draws, in order, over ``params``' steps: accelerate's seedable
+    sampler with ``data_seed=seed``, epoch after epoch, as Trainer runs it. A teacher pass then covers only what the
+    student will see (a 20-step recovery sees 160 of 2,400 sequences). Tested against the Trainer's own draws."""
+    import math
+
+    from accelerate.data_loader import SeedableRandomSampler
+
+    per_step = params.batch_size * params.gradient_accumulation_steps
+    needed = params.max_steps * per_step if params.max_steps else math.ceil(count * params.epochs)
+    sampler, order = SeedableRandomSampler(range(count), data_seed=seed), []
+    while len(order) < needed:
+        order += list(sampler)  # a full pass moves the sampler to its next epoch, as Trainer's does
+    return order[:needed]
+
+
 def train_prepared(model, processor, train_examples: Sequence[VQAExample], params: FinetuneParams, output_dir: Path, setup: list[Any],
                    device: str, seed: int = 0, distillation: Distillation | None = None) -> tuple[list[dict[str, Any]], float, int]:
     """Train whatever of ``model`` requires grad, with this module's loop (answer-only loss, one bar, fused

@@ -52,20 +52,37 @@ def test_the_loss_is_04s_at_alpha_0_zero_for_the_teacher_itself_and_positive_for
         student = load_llava(str(tiny_embedded_model))
         student.lm_head.weight.add_(0.05 * torch.randn_like(student.lm_head.weight))
         assert float(distillation.distillation_loss(student, batch, full, 2.0, alpha=1.0)) > 1e-3
-    other = distillation.TeacherTargets(full.logits[:2], full.indices[:2], full.mass, "other data")
-    with pytest.raises((ValueError, IndexError)):
+    other = distillation.TeacherTargets({i: full.logits[i] for i in (0, 1)}, {i: full.indices[i] for i in (0, 1)}, full.mass, "other data")
+    with pytest.raises(ValueError, match=r"lack training examples \[3, 4\]"):
         distillation.distillation_loss(teacher, batch, other, 2.0, 1.0)
 
 
-def test_a_recovery_distils_through_04s_loop(tiny_embedded_model, examples, tmp_path):
+def test_a_recovery_distils_through_04s_loop_on_targets_for_exactly_the_examples_it_draws(tiny_embedded_model, synthetic_root, tmp_path,
+                                                                                         monkeypatch):
+    """The teacher pass covers only ``visited_indices`` (2 steps of 3 of the 18 sequences); the Trainer's own draws
+    are recorded and must be exactly those, in order: a sampler that drew others would fail here, not on a T4."""
+    from medcomp import training
+    from medcomp.data import build_conversations, scan_dermnet
+    from medcomp.knowledge import DERMNET_FOLDER_RULES, DISEASES_BY_SLUG
     from medcomp.params import FinetuneParams, LoraParams
-    from medcomp.training import finetune, training_examples
+
+    scan = scan_dermnet(synthetic_root, tuple(DISEASES_BY_SLUG), DERMNET_FOLDER_RULES)
+    examples = build_conversations([image for image in scan.images if image.split == "train"])[:18]
 
     params = FinetuneParams(quantization="none", compute_dtype="float32", lora=LoraParams(r=4, alpha=8, dropout=0.0), multi_turn=False,
                             max_steps=2, batch_size=3, learning_rate=1e-2, logging_steps=1, save_steps=50)
     teacher, processor = load_llava(str(tiny_embedded_model)), load_processor(str(tiny_embedded_model))
-    targets = distillation.teacher_targets(teacher, processor, training_examples(examples, params), top_k=16, batch_size=3, identity="tiny")
-    result = finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / "kd", seed=0,
-                      distillation=distillation.Distillation(targets, 2.0, 1.0))
+    sequences = training.training_examples(examples, params)
+    drawn = training.visited_indices(len(sequences), params, seed=7)
+    assert len(drawn) == 6 and len(set(drawn)) == 6 and len(sequences) == 18
+    assert drawn != training.visited_indices(len(sequences), params, seed=8)
+    targets = distillation.teacher_targets(teacher, processor, sequences, top_k=16, batch_size=3, identity="tiny", only=drawn)
+    assert sorted(targets.logits) == sorted(drawn)
+    seen = []
+    real_loss = training.distillation_loss
+    monkeypatch.setattr(training, "distillation_loss", lambda model, batch, *args: seen.extend(batch["example_index"].tolist()) or real_loss(model, batch, *args))
+    result = training.finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / "kd", seed=7,
+                               distillation=distillation.Distillation(targets, 2.0, 1.0))
+    assert seen == drawn
     assert result.steps == 2 and (result.adapter_dir / "adapter_config.json").exists()
     assert all(entry["loss"] >= 0 for entry in result.log_history if "loss" in entry)

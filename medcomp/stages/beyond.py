@@ -121,7 +121,7 @@ def build_all(run, stage: str, plan: Sequence[BeyondStep], settings, conversatio
         else:
             distillation = None
             if step.method == "qalora-kd":
-                targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device)
+                targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device, seed)
                 distillation = Distillation(targets, settings.distill_temperature, 1.0)
             result = build_on_grid(run, stage, step, train_examples, test_examples, recipe, dtype, device, max_new_tokens, batch_size, seed,
                                    distillation)
@@ -171,17 +171,22 @@ def _processor_for(run, variant: Variant):
     return load_processor(variant.path if variant.extra.get("format") is None else run.variant("finetuned").path)
 
 
-def teacher_targets_for(run, stage: str, teacher_name: str, train_examples, recipe, top_k: int, dtype: str, device: str) -> TeacherTargets:
-    """The teacher's top-k answer-token logits over the recovery's training sequences: computed once, in one pass
-    with only the teacher loaded, and cached in the stage folder by teacher checkpoint, data and k."""
+def teacher_targets_for(run, stage: str, teacher_name: str, train_examples, recipe, top_k: int, dtype: str, device: str,
+                        seed: int = 0) -> TeacherTargets:
+    """The teacher's top-k answer-token logits over the training sequences the recovery's steps draw (``recipe`` and
+    ``seed`` fix which): computed once, in one pass with only the teacher loaded, and cached in the stage folder by
+    teacher checkpoint, data, the sequences drawn and k."""
+    from medcomp.training import visited_indices
+
     teacher = ensure_for_serving(run, run.variant(teacher_name))
     sequences = training_examples(train_examples, recipe)
-    identity = content_hash([teacher.name, checkpoint_identity(teacher.path), [repr(s) for s in sequences], top_k], 16)
+    drawn = sorted(set(visited_indices(len(sequences), recipe, seed)))
+    identity = content_hash([teacher.name, checkpoint_identity(teacher.path), [repr(s) for s in sequences], drawn, top_k], 16)
     path = run.stage_dir(stage) / f"teacher-{teacher.name}-{identity}.pt"
     if path.exists():
         return TeacherTargets.load(path)
     model = load_variant(teacher, dtype, device)
-    targets = teacher_targets(model, _processor_for(run, teacher), sequences, top_k, identity=identity)
+    targets = teacher_targets(model, _processor_for(run, teacher), sequences, top_k, identity=identity, only=drawn)
     del model
     targets.save(path)
     return targets
@@ -195,7 +200,7 @@ def distilled_recoveries(run, stage: str, settings, recovered: str, train_exampl
         return [], None
     if settings.distill_from not in run.variants():
         raise ValueError(f"beyond.distill_from names {settings.distill_from!r}, which is not registered: use 'finetuned' or a variant 08 builds first")
-    targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device)
+    targets = teacher_targets_for(run, stage, settings.distill_from, train_examples, recipe, settings.distill_top_k, dtype, device, seed)
     source = run.variant(recovered)
     results = []
     for alpha in settings.distill_alphas:
