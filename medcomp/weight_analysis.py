@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -85,26 +86,39 @@ def weight_comparisons(model, reference, layers: Sequence[int] | None = None) ->
     return rows
 
 
-def adapter_deltas(adapter_dir: str | Path) -> dict[tuple[int, str], torch.Tensor]:
+class _LazyDeltas(Mapping):
+    """(layer, linear) -> ``alpha / r * B @ A``, computed when read and not kept: a 7B model's changes in fp32 all at
+    once would take 26 GB, more than a Kaggle notebook's RAM; one linear's is at most 180 MB."""
+
+    def __init__(self, factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scaling: float):
+        self._factors, self._scaling = factors, scaling
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        lora_b, lora_a = self._factors[key]
+        return self._scaling * lora_b.float() @ lora_a.float()
+
+    def __iter__(self):
+        return iter(self._factors)
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+
+def adapter_deltas(adapter_dir: str | Path) -> Mapping[tuple[int, str], torch.Tensor]:
     """The weight change a saved LoRA adapter makes to each decoder linear: ``alpha / r * B @ A``,
-    keyed by (decoder layer, linear name)."""
+    keyed by (decoder layer, linear name); each is computed when it is read (``_LazyDeltas``)."""
     import re
 
     from safetensors.torch import load_file
 
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     pattern = re.compile(r"language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A\.weight$")
-    deltas = {}
-    for key, lora_a in tensors.items():
-        match = pattern.search(key)
-        if match:
-            lora_b = tensors[key.replace("lora_A", "lora_B")]
-            deltas[(int(match[1]), match[2])] = scaling * lora_b.float() @ lora_a.float()
-    if not deltas:
+    factors = {(int(match[1]), match[2]): (tensors[key.replace("lora_A", "lora_B")], lora_a)
+               for key, lora_a in tensors.items() if (match := pattern.search(key))}
+    if not factors:
         raise ValueError(f"no decoder LoRA weights found in {adapter_dir}")
-    return deltas
+    return _LazyDeltas(factors, config["lora_alpha"] / config["r"])
 
 
 def finetune_survival(model, merged, adapter_dir: str | Path, group_size: int = 64) -> "pd.DataFrame":
@@ -120,7 +134,9 @@ def finetune_survival(model, merged, adapter_dir: str | Path, group_size: int = 
 
     deltas = adapter_deltas(adapter_dir)
     rows = []
-    for row in weight_comparisons(model, merged):
+    # a layer at a time: a 7B model's linears, their references and changes in fp32 would not fit a Kaggle notebook's RAM
+    compared = (row for index in range(len(decoder_layers(model))) for row in weight_comparisons(model, merged, layers=[index]))
+    for row in compared:
         delta = deltas.get((row["layer"], row["linear"]))
         if delta is None:
             continue
@@ -137,6 +153,37 @@ def finetune_survival(model, merged, adapter_dir: str | Path, group_size: int = 
             "below half a step": float((ratio < 0.5).float().mean()),
         })
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def finetune_concentration(merged, adapter_dir: str | Path, group_size: int = 64, spare_bytes: int = 0) -> dict[str, Any]:
+    """Whether keeping some groups at 8 bits could hold the finetune (issue 31, mixed precision), read from the weights.
+
+    Rounding to a 4-bit grid adds noise of about ``step / sqrt(12)`` to every weight, independent of the finetune's
+    change Δ, so what a group loses of Δ grows with ``sum((Δ / step)^2)`` over it: its share of the finetune in units
+    of its own rounding noise. Mixed precision pays only if a few groups hold most of that. ``spare_bytes`` buys
+    ``group_size / 2`` bytes of 4 more bits per group: ``top share`` is the part held by as many groups as it buys, those
+    that hold the most, against their ``share at 8 bits`` of the groups (what a uniform spread would give). The grid is
+    round-to-nearest of ``merged`` (the weights a quantizer sees), per ``group_size`` inputs. Also per decoder layer,
+    the median over its linears of each one's median ``|Δ| / step``; one linear's change is held at a time."""
+    deltas = adapter_deltas(adapter_dir)
+    energies, per_layer = [], {}
+    for index, layer in enumerate(decoder_layers(merged)):
+        for name in DECODER_LINEARS:
+            delta = deltas.get((index, name))
+            if delta is None:
+                continue
+            weight = find_linear(layer, name).weight.detach().float().cpu()
+            groups = weight.reshape(weight.shape[0], -1, group_size)
+            step = ((groups.amax(-1) - groups.amin(-1)) / 15).clamp(min=1e-12)
+            ratio = delta.reshape(groups.shape).abs() / step.unsqueeze(-1)
+            energies.append(ratio.pow(2).sum(-1).flatten())
+            per_layer.setdefault(index, []).append(ratio.flatten().median())
+    energy = torch.cat(energies).double().sort(descending=True).values
+    kept = min(energy.numel(), max(0, int(spare_bytes)) // (group_size // 2))
+    return {"groups": energy.numel(), "groups at 8 bits": kept, "share at 8 bits": kept / energy.numel(),
+            "top share": float(energy[:kept].sum() / energy.sum()) if kept and energy.sum() > 0 else 0.0,
+            "median |delta| / step by layer": {layer: float(torch.stack(r).median()) for layer, r in per_layer.items()}}
 
 
 @torch.no_grad()

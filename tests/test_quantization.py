@@ -284,3 +284,43 @@ def test_gptq_stores_as_int4_and_compensates_rounding_better_than_rtn(outlier_mo
     assert error["gptq"] < error["rtn"], error
     served = calibration.calibration_activations(loading.load_quantized(outlier_checkpoints["rtn"]), processor, conversations, 0)["q_proj_output"]
     assert float((output["rtn"] - served).norm() / served.norm()) < 1e-2  # the int4 conversion is GPTQModel's function, to bf16
+
+
+def test_finetune_concentration_finds_the_groups_that_hold_the_change(tiny_embedded_model, tmp_path):
+    """A change that lives in one group of 64 inputs of one row is all held by that group; a change spread over
+    two linears is checked against a brute-force loop over every group."""
+    from safetensors.torch import save_file
+
+    merged = load_llava(str(tiny_embedded_model))
+    prefix = "base_model.model.model.language_model.layers"
+    q_proj, up_proj = decoder_layers(merged)[1].self_attn.q_proj.weight, decoder_layers(merged)[0].mlp.up_proj.weight
+    one_group_a, one_group_b = torch.zeros(1, q_proj.shape[1]), torch.zeros(q_proj.shape[0], 1)
+    one_group_a[0, :64], one_group_b[3, 0] = 1.0, 0.01  # row 3, inputs 0-63: one group
+    save_file({f"{prefix}.1.self_attn.q_proj.lora_A.weight": one_group_a, f"{prefix}.1.self_attn.q_proj.lora_B.weight": one_group_b},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1, "lora_alpha": 1}))
+    one = weight_analysis.finetune_concentration(merged, tmp_path, 64, spare_bytes=32)  # 32 bytes: one group's 64 × 4 more bits
+    assert one["groups at 8 bits"] == 1 and one["top share"] == pytest.approx(1.0)
+    assert one["groups"] == q_proj.numel() // 64 and weight_analysis.finetune_concentration(merged, tmp_path, 64)["top share"] == 0.0
+
+    torch.manual_seed(0)
+    spread = tmp_path / "spread"
+    spread.mkdir()
+    factors = {(1, "self_attn.q_proj", q_proj): (torch.randn(2, q_proj.shape[1]), 0.01 * torch.randn(q_proj.shape[0], 2)),
+               (0, "mlp.up_proj", up_proj): (torch.randn(2, up_proj.shape[1]), 0.01 * torch.randn(up_proj.shape[0], 2))}
+    save_file({f"{prefix}.{layer}.{name}.lora_{ab}.weight": t for (layer, name, _), (a, b) in factors.items() for ab, t in (("A", a), ("B", b))},
+              str(spread / "adapter_model.safetensors"))
+    (spread / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    energies = []
+    for (_, _, weight), (a, b) in factors.items():
+        delta, weight = (2 * b @ a).tolist(), weight.detach().tolist()
+        for row in range(len(weight)):
+            for start in range(0, len(weight[row]), 64):
+                group = weight[row][start:start + 64]
+                step = (max(group) - min(group)) / 15
+                energies.append(sum((delta[row][start + i] / step) ** 2 for i in range(64)))
+    energies.sort(reverse=True)
+    for groups in (1, 10, len(energies) // 4):
+        found = weight_analysis.finetune_concentration(merged, spread, 64, spare_bytes=32 * groups)
+        assert found["groups"] == len(energies) and found["groups at 8 bits"] == groups
+        assert found["top share"] == pytest.approx(sum(energies[:groups]) / sum(energies), rel=1e-5), groups
