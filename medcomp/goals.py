@@ -42,6 +42,7 @@ class Goal:
 
 def issue_goals(first_recovered: str) -> list[Goal]:
     """The goals as the issues state them (embedded default, seeds 0-4), for the run's pipeline model."""
+    pruned = first_recovered.replace("recovered-", "pruned-", 1)
     pipeline = tuple(f"{first_recovered}-{m}" for m in (*FOUR_BIT_METHODS, "awq-qalora-kd"))
     return [
         Goal("#31: a 4-bit finetuned model that keeps the finetune", "finetuned", tuple(f"finetuned-{m}" for m in FOUR_BIT_METHODS), 0.97,
@@ -50,9 +51,10 @@ def issue_goals(first_recovered: str) -> list[Goal]:
              bytes_reference=f"{first_recovered}-awq", max_bytes_ratio=1.02, decode_reference=f"{first_recovered}-awq", max_decode_ratio=1.05),
         Goal("#32: a recovery of the pruned model that loses less", "finetuned",
              (*[f"{first_recovered}{s}" for s in ("", "-kd", "-kd50", "-sleb", "-streamline")],
-              f"{first_recovered.replace('recovered-', 'pruned-', 1)}-streamline"), 0.95, 0.90,  # the replaced block alone, no SFT
+              f"{pruned}-streamline"), 0.95, 0.90,  # the replaced block alone, no SFT
              training_reference=first_recovered, max_training_ratio=1.5),
-        Goal("#32 with #31: a deployable 4-bit pruned model", "finetuned", pipeline, 0.92,
+        Goal("#32 with #31: a deployable 4-bit pruned model", "finetuned",
+             (*pipeline, *[f"{name}-streamline-gptq" for name in (first_recovered, pruned)]), 0.92,  # prune, replace, GPTQ
              bytes_reference="finetuned", max_bytes_ratio=0.35, decode_reference=f"{first_recovered}-awq", max_decode_ratio=1.05),
     ]
 

@@ -295,7 +295,7 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                               generation_plan(shape, q_batch, evaluation.max_new_tokens, bits=4), q_batch, 0.0, "counted in the AWQ row"), bits=4))
     awq_row = next(p for p in plans if p.stage == "05_quantize")
     if params.beyond.gptq:  # 08's GPTQ: GPTQModel's layer-by-layer loop, as the AWQ search, plus the Hessian of the widest input
-        searched = 1 + bool(recovered)
+        searched = 1 + bool(recovered) + bool(recovered and params.beyond.replacement_steps)  # finetuned, recovered, the replaced model
         plans.append(replace(awq_row, stage="08_beyond", step="GPTQ (GPTQModel, layer by layer)", seconds=searched * awq_row.seconds / max(awq_models, 1),
                              terms={**awq_row.terms, "GPTQ Hessian of the widest input (fp32)": 4 * shape.intermediate ** 2},
                              how=f"{searched} models x {shape.layers} layers at the AWQ rate, plus their answers"))

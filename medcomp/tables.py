@@ -86,6 +86,7 @@ def paper_rows(variants: dict[str, Any], pruning_levels: Sequence[tuple[float, i
               ("Prune + SFT + Quant, QA-LoRA folded into 4 bits (08)", f"{first}-awq-qalora"), ("Prune + SFT + Quant, LoRA on the 4-bit grid (08)", f"{first}-awq-lora"),
               ("Prune + SFT, QLoRA deployment (08)", f"{first}-qlora"),
               ("Iterative pruning (SLEB) and SFT (08)", f"{first}-sleb"), ("Block replacement (LLM-Streamline) and SFT (08)", f"{first}-streamline"),
+              ("Block replacement, GPTQ (08)", f"{pruned}-streamline-gptq"), ("Block replacement and SFT, GPTQ (08)", f"{first}-streamline-gptq"),
               ("Pruning and distillation (08)", f"{first}-kd"), ("Pruning and half distillation, half SFT (08)", f"{first}-kd50"),
               ("Prune + SFT + Quant, distilled into 4 bits, QA-LoRA (08)", f"{first}-awq-qalora-kd")]
     beyond += [(f"Prune + {m.upper()} + SFT on the 4-bit model (08)", f"{pruned}-{m}-sft") for m in ("awq", "rtn")]

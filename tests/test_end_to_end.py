@@ -99,6 +99,10 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     for variant in ("finetuned-gptq", "recovered-7-gptq", "recovered-7-kd", "recovered-7-kd50", "pruned-7-streamline", "recovered-7-streamline"):
         assert len(run.answers(variant)) == 8 * 3, variant
     assert run.variant("finetuned-gptq").extra["format"] == "int4" and run.variant("recovered-7-kd").parent == "pruned-7"
+    replaced_4bit = [run.variant(f"{name}-streamline-gptq") for name in ("pruned-7", "recovered-7") if f"{name}-streamline-gptq" in run.variants()]
+    assert len(replaced_4bit) == 1, "one replaced model, chosen on validation, goes through GPTQ"
+    assert replaced_4bit[0].extra["format"] == "int4" and replaced_4bit[0].layers_removed == streamline.layers_removed
+    assert len(run.answers(replaced_4bit[0].name)) == 8 * 3
     for variant, blocks in (("finetuned-rtn-qalora", 30), ("recovered-7-rtn-qalora", 30 - 7), ("recovered-7-rtn-qalora-kd", 30 - 7)):
         extra = run.variant(variant).extra
         assert extra["format"] == "int4" and extra["adapters folded"] == blocks * 7 and extra["fold error"] < 1e-5, variant
@@ -158,7 +162,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
     import shutil
 
     moved = tmp_path / "moved"
-    shutil.copytree(run_dir, moved)
+    shutil.copytree(run_dir, moved, copy_function=os.link)  # new names, the same bytes: a second 9 GB copy once filled CI's disk
     shutil.rmtree(run_dir)
     (moved / "stages" / "04_sft_pruned" / "status.json").unlink()
     checkpoints = sorted(p for p in moved.glob("stages/0[45]_*/*/**/model.safetensors")) + sorted(moved.glob("stages/05_quantize/*/*.safetensors"))
@@ -212,6 +216,8 @@ def test_kaggle_t4_runs_01_to_08_on_a_32_layer_fp16_standin(tmp_path, cache, syn
     streamline = variants["pruned-7-streamline"]  # one fp32-trained block saved into the fp16 model, 25 blocks as pruned-7
     config = json.loads((Path(streamline.path) / "config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == 25 and config["text_config"]["dtype"] == "float16" and "recovered-7-streamline" in variants
+    replaced_4bit = {f"{name}-streamline-gptq" for name in ("pruned-7", "recovered-7")} & set(variants)  # prune, replace, GPTQ on the stand-in
+    assert len(replaced_4bit) == 1 and variants[replaced_4bit.pop()].bits == 4
     for name in ("finetuned-awq-qalora", "recovered-7-awq-qalora", "recovered-7-awq-qalora-kd"):  # folded in fp16 activations: fp16's rounding
         assert variants[name].extra["adapters folded"] > 0 and variants[name].extra["fold error"] < 1e-2, name
 

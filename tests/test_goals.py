@@ -53,3 +53,13 @@ def test_a_goal_is_met_by_the_candidates_that_pass_every_check():
                                     "met by `finetuned-gptq`"}
     assert [g.reference for g in issue_goals("recovered-9")][1] == "recovered-9"
     assert goals_table({"points": {}}).empty
+
+
+def test_the_combined_goal_counts_a_pruned_replaced_then_gptq_model():
+    point = _point({"finetuned": 100.0, "pruned-7-streamline-gptq": 95.0, "recovered-7-gptq": 85.0},
+                   {"finetuned": (1000, 50.0), "recovered-7-awq": (300, 30.0), "pruned-7-streamline-gptq": (300, 30.5), "recovered-7-gptq": (300, 30.0)})
+    table = goals_table({"table 4": {"Pruning and SFT": "recovered-7"}, "points": {"seed=0": point}})
+    combined = next(goal for goal in table.index.get_level_values("goal") if goal.startswith("#32 with #31"))
+    replaced = table.loc[(combined, "pruned-7-streamline-gptq")]  # 0.95× the score at 0.30× the bytes and 1.02× the decode
+    assert replaced["bytes ratio"] == pytest.approx(0.3) and replaced["decode ratio"] == pytest.approx(30.5 / 30) and replaced["meets the goal"]
+    assert not table.loc[(combined, "recovered-7-gptq"), "meets the goal"]  # 0.85× the score

@@ -172,6 +172,7 @@ def test_every_kaggle_t4_stage_plans_within_a_t4():
     assert grid.terms["one linear dequantized (fp16)"] == 2 * 4096 * 11008 and 4 < grid.peak_bytes / plan.GIB < 8
     gptq = next(p for p in plans if p.stage == "08_beyond" and p.step.startswith("GPTQ"))
     assert gptq.terms["GPTQ Hessian of the widest input (fp32)"] == 4 * 11008 ** 2
+    assert gptq.how.startswith("3 models")  # finetuned, recovered and the replaced model
     streamline = next(p for p in plans if p.stage == "08_beyond" and p.step.startswith("LLM-Streamline"))  # one 7B block in fp32 with Adam
     assert streamline.terms["one decoder block, gradients, Adam moments (fp32)"] == 16 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096)
     over = [(p.stage, p.step, round(p.peak_bytes / plan.GIB, 2)) for p in plans if not p.fits()]

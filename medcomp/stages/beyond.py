@@ -8,6 +8,7 @@ claims. For the finetuned model and the first recovered level (the paper's pipel
   folded exactly into its offsets: a plain 4-bit model (``medcomp.qalora``, ``medcomp.int4``);
 - ``<source>-<grid>-lora``: an ordinary LoRA trained against the same grid, served unmerged;
 - ``<source>-qlora``: the QLoRA deployment, the nf4 base as trained on with the adapter unmerged (from 05);
+- ``<pruned or recovered>-streamline-gptq``: GPTQ of the replaced model (LLM-Streamline) chosen on validation;
 - ``<pruned>-<method>-sft``: 04's recovery through peft's AWQ layers (from 05; off by default: slow).
 """
 
@@ -216,11 +217,13 @@ def distilled_recoveries(run, stage: str, settings, recovered: str, train_exampl
 def validation_naming(run, stage: str, names: Sequence[str], validation_examples, dtype: str, device: str, max_new_tokens: int,
                       batch_size: int) -> pd.Series:
     """Held-out naming of each variant on the validation split (answers cached in the stage folder by variant and
-    checkpoint): what 08 chooses by. The test set only reports."""
+    checkpoint): what 08 chooses by. The test set only reports. Only the naming question is answered: it is all
+    naming accuracy reads, and the other two took two thirds of the time."""
     import json
 
     from medcomp.files import atomic_write_json
 
+    validation_examples = [e for e in validation_examples if e.question_kind == "name"]
     accuracy = {}
     for name in names:
         variant = ensure_for_serving(run, run.variant(name))
@@ -249,6 +252,18 @@ def validation_choices(run, stage: str, groups: dict[str, Sequence[str]], valida
         rows += [{"choice": group, "variant": name, "validation naming": accuracy[name], "test naming": naming_accuracy(run.answers(name)),
                   "chosen": name == chosen} for name in names]
     return pd.DataFrame(rows).set_index(["choice", "variant"])
+
+
+def replaced_in_four_bits(run, stage: str, candidates: Sequence[str], validation_examples, conversations, test_examples, dtype: str,
+                          device: str, group_size: int, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """GPTQ of the replaced model (LLM-Streamline) chosen on validation among ``candidates`` (the recovered one first: it
+    wins a tie), so that prune, replace and quantize compose: ``<chosen>-gptq``. Without a validation split the first."""
+    accuracy = validation_naming(run, stage, candidates, validation_examples, dtype, device, max_new_tokens, batch_size) \
+        if validation_examples else pd.Series({candidates[0]: float("nan")}, name="validation naming")
+    chosen = chosen_on_validation(accuracy, candidates[0]) if validation_examples else candidates[0]
+    result = build_quantized(run, stage, QuantizationStep(chosen, "gptq", "recovered"), conversations, test_examples, dtype, device,
+                             group_size, max_new_tokens, batch_size)
+    return result | {"chosen on validation": chosen, "validation naming": accuracy.to_dict()}
 
 
 def chosen_on_validation(accuracy: pd.Series, baseline: str) -> str:
