@@ -7,6 +7,7 @@ limit or a device argument that was dropped, even where only a GPU would have cr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +258,9 @@ def test_a_missing_pruned_or_merged_folder_is_rebuilt_as_the_same_checkpoint(tin
     assert {name: loading.checkpoint_identity(run.variant(name).path) for name in identity} == identity
     for key, value in loading.load_llava(rebuilt.path).state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+    for weights_file in Path(rebuilt.path).glob("*.safetensors"):  # the folder's small files kept, its weights gone
+        weights_file.unlink()
+    assert loading.checkpoint_identity(materialise.ensure(run, "recovered-1").path) == identity["recovered-1"]
     run.register_variant(Variant(name="lost", stage="05", path=str(tmp_path / "nowhere"), parent="base"))
     with pytest.raises(FileNotFoundError, match="rerun 05"):
         materialise.ensure(run, "lost")

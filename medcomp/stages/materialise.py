@@ -40,7 +40,9 @@ def merge_recipe(base_variant: str | None, base: str, dtype: str, params: Finetu
 def ensure(run: Run, name: str) -> Variant:
     """The variant ``name`` with its model folder present: as it is, or rebuilt from its recipe."""
     variant = run.variant(name)
-    if (Path(variant.path) / "config.json").exists():
+    folder = Path(variant.path)
+    # a config without weights is no model: a size-capped copy (a Kaggle output) or a tidy-up that kept small files
+    if (folder / "config.json").exists() and (any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").exists()):
         return variant
     recipe = variant.extra.get("rebuild")
     if recipe is None:
