@@ -145,7 +145,7 @@ def test_minimal_embedded_run_renders_reports_and_reuses_finished_stages(tmp_pat
 
     from browser import check_in_browser  # the index and two reports as a reader's Chromium shows them
 
-    for page, figures in (("index.html", 0), ("01_finetune.html", 2), ("05_quantize.html", 1)):
+    for page, figures in (("index.html", 0), ("01_finetune.html", 2), ("05_quantize.html", 1), ("08_beyond.html", 1)):
         seen = check_in_browser(run_dir / page, tmp_path / "browser" / page)
         assert seen["errors"] == [], f"{page} shows error or stderr output: {seen['errors']}"
         assert seen["images"] >= figures and seen["broken"] == 0 and seen["nan"] == 0, (page, seen)
