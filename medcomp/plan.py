@@ -320,8 +320,9 @@ def stage_plans(params, shape: ModelShape) -> list[StagePlan]:
                                f"{b.replacement_steps} steps x {imp_batch} sequences of {tokens} tokens at an assumed {T4_FP32_FLOP_S / 1e12:.0f} TFLOP/s"))
     if distilled:  # 08: the teacher's pass alone (nf4 if distill_from names the QLoRA deployment), then recoveries planned as 04's
         recipe = b.recipe or params.recovery.finetune  # the teacher sees only the sequences the recovery's steps draw
-        conversations = _training_conversations(params) if not recipe.max_steps else \
-            min(_training_conversations(params), recipe.max_steps * recipe.batch_size * recipe.gradient_accumulation_steps)
+        conversations = _training_conversations(params)
+        if recipe.max_steps:
+            conversations = min(conversations, recipe.max_steps * recipe.batch_size * recipe.gradient_accumulation_steps)
         teacher_bits = 4 if b.distill_from and b.distill_from.endswith("qlora") else 16
         plans.append(on(StagePlan("08_beyond", f"the teacher's top-{b.distill_top_k} pass ({b.distill_from}, alone on the GPUs)",
                                   {k: v for k, v in generation_plan(shape, 4, evaluation.max_new_tokens, bits=teacher_bits, method="nf4").items() if k != "KV cache"},
