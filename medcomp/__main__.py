@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="QEMU CPU models to compare with this machine (e.g. EPYC-Rome Haswell); needs qemu-user")
     numerics.add_argument("--modes", nargs="+", choices=list(MODE_PINS), help="default: pinned portable default")
 
+    tidy = commands.add_parser("tidy", help="free a finished run's disk: delete the model folders it rebuilds on demand")
+    tidy.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or a sweep folder (each of its points)")
+    tidy.add_argument("--dry-run", action="store_true", help="list the folders and their sizes; delete nothing")
+
     docs = commands.add_parser("docs", help="render docs/results.md, docs/params.md and the README's headline from results/ and the schema")
     docs.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed page differs from its rendering")
 
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             print(f"{'stale' if args.check else 'rendered'}: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
         return 1 if args.check and stale else 0
+
+    if args.command == "tidy":
+        return _tidy([Path(folder) for folder in args.runs], args.dry_run)
 
     if args.command == "rehearse":
         from medcomp.rehearsal import rehearse as run_rehearsal
@@ -138,6 +145,30 @@ def main(argv: list[str] | None = None) -> int:
     for outcome in outcomes:
         print(f"  {outcome.stage:<16} {outcome.status:<8} {outcome.seconds:6.0f} s")
     return 1 if any(o.status in ("failed", "incomplete") for o in outcomes) else 0
+
+
+def _tidy(folders: list[Path], dry_run: bool) -> int:
+    """``tidy``: each run folder's rebuildable model folders deleted (or listed); a sweep folder stands for its points."""
+    from medcomp.runs import Run
+    from medcomp.stages.materialise import release
+
+    runs = []
+    for folder in folders:
+        if (folder / "registry.json").exists():
+            runs.append(folder)
+        elif (folder / "points").is_dir():  # a sweep: the points that have a registry
+            runs += sorted(point.parent for point in folder.glob("*/registry.json"))
+        else:
+            print(f"error: {folder}: neither a run folder (no registry.json) nor a sweep folder (no points/)", file=sys.stderr)
+            return 2
+    total = 0
+    for folder in runs:
+        for name, path, size in release(Run(folder), dry_run):
+            total += size
+            print(f"  {'would delete' if dry_run else 'deleted'} {size / 1e9:6.2f} GB  {name}: {path}")
+    print(f"[medcomp] {'would free' if dry_run else 'freed'} {total / 1e9:.2f} GB in {len(runs)} run folder(s); "
+          "a later stage rebuilds what it needs (medcomp.stages.materialise.ensure)")
+    return 0
 
 
 if __name__ == "__main__":

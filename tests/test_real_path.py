@@ -225,7 +225,7 @@ def test_the_forecast_is_on_the_index_before_the_first_stage_runs(tmp_path, monk
     assert "run folder within 19.5 GiB" in seen["index"]
 
 
-def test_a_missing_pruned_or_merged_folder_is_rebuilt_as_the_same_checkpoint(tiny_embedded_model, tmp_path):
+def test_released_pruned_and_merged_folders_are_rebuilt_as_the_same_checkpoint(tiny_embedded_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from medcomp.params import FinetuneParams
@@ -251,9 +251,12 @@ def test_a_missing_pruned_or_merged_folder_is_rebuilt_as_the_same_checkpoint(tin
     identity = {name: loading.checkpoint_identity(run.variant(name).path) for name in ("pruned-1", "recovered-1")}
     weights = loading.load_llava(str(merged_dir)).state_dict()
 
-    import shutil
-
-    shutil.rmtree(tmp_path / "scratch")  # a new session: the scratch folder is gone, the run folder came along
+    listed = materialise.release(run, dry_run=True)
+    assert [name for name, _, _ in listed] == ["pruned-1", "recovered-1"] and all(size > 0 for _, _, size in listed)
+    assert Path(merged_dir).is_dir()  # a dry run deletes nothing
+    assert materialise.release(run) == listed  # `medcomp tidy`, or a new session whose scratch folder is gone
+    assert not Path(merged_dir).exists() and not pruned_dir.exists() and not list(tmp_path.glob("scratch/**/.released-*"))
+    assert (Path(tiny_embedded_model) / "config.json").exists() and Path(adapter).is_dir()  # no recipe, or a recipe's input: kept
     rebuilt = materialise.ensure(run, "recovered-1")  # needs pruned-1 first: rebuilt too
     assert {name: loading.checkpoint_identity(run.variant(name).path) for name in identity} == identity
     for key, value in loading.load_llava(rebuilt.path).state_dict().items():

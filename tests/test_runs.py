@@ -203,3 +203,26 @@ def _cache_names(params, cache: Path) -> dict[str, str]:
         embedded.resolve_model_source(params.model.id, embedded.embedded_spec(params), cache, tuple, params.runtime.numerics)
     assert seen["training seed"] == 1000 + params.seed
     return seen
+
+
+def test_tidy_frees_each_sweep_points_rebuildable_folders_and_keeps_the_rest(tmp_path, capsys):
+    from medcomp.__main__ import main
+    from medcomp.stages.materialise import prune_recipe
+
+    sweep = tmp_path / "sweep"
+    (sweep / "points").mkdir(parents=True)
+    for point in ("seed0", "seed1"):
+        run = Run(sweep / point)
+        for name, recipe in (("finetuned", None), ("pruned-1", prune_recipe("finetuned", [1], "float32")), ("pruned-1-awq", None)):
+            folder = run.stage_dir("03") / name
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"x" * 1000)
+            run.register_variant(Variant(name=name, stage="03", path=str(folder), parent=None if name == "finetuned" else "finetuned",
+                                         extra={"rebuild": recipe} if recipe else {}))
+    assert main(["tidy", str(sweep), "--dry-run"]) == 0
+    assert "would free 0.00 GB in 2 run folder(s)" in capsys.readouterr().out and (sweep / "seed1/stages/03/pruned-1").is_dir()
+    assert main(["tidy", str(sweep)]) == 0
+    assert capsys.readouterr().out.count("deleted") == 2
+    for point in ("seed0", "seed1"):  # only the folder with a recipe: the 4-bit one and the recipe's parent stay
+        assert sorted(p.name for p in (sweep / point / "stages/03").iterdir()) == ["finetuned", "pruned-1-awq"]
+    assert main(["tidy", str(tmp_path / "nothing")]) == 2 and "neither a run folder" in capsys.readouterr().err

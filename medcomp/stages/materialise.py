@@ -12,6 +12,7 @@ first build, so nothing computed from the first (answers, recovery, quantization
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,26 @@ def ensure(run: Run, name: str) -> Variant:
     else:
         raise ValueError(f"variant {name!r} has an unknown recipe kind {recipe['kind']!r}")
     return run.variant(name)
+
+
+def release(run: Run, dry_run: bool = False) -> list[tuple[str, Path, int]]:
+    """Delete the model folders ``ensure`` rebuilds (every variant with a recipe): (variant, folder, bytes) each.
+
+    A finished embedded run holds ~10 GB, most of it these folders; a five-seed sweep would fill a small disk.
+    4-bit checkpoints, adapters, trained blocks, answers and reports stay. Not while a stage uses the run: a
+    model it is about to read would be gone (``python -m medcomp tidy`` is for finished runs)."""
+    released = []
+    for name, variant in run.variants().items():
+        folder = Path(variant.path)
+        if "rebuild" not in variant.extra or not folder.is_dir():
+            continue
+        size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+        if not dry_run:
+            doomed = folder.with_name(f".released-{folder.name}")
+            folder.rename(doomed)  # one rename: the folder is whole or gone, never a config whose shards are half deleted
+            shutil.rmtree(doomed)
+        released.append((name, folder, size))
+    return released
 
 
 def ensure_for_serving(run: Run, variant: Variant) -> Variant:
