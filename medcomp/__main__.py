@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -156,8 +157,13 @@ def _tidy(folders: list[Path], dry_run: bool) -> int:
     for folder in folders:
         if (folder / "registry.json").exists():
             runs.append(folder)
-        elif (folder / "points").is_dir():  # a sweep: the points that have a registry
-            runs += sorted(point.parent for point in folder.glob("*/registry.json"))
+        elif (folder / "points").is_dir():  # a sweep: the points its last invocation finished (a running one is not yet)
+            outcomes = json.loads((folder / "points.json").read_text()) if (folder / "points.json").exists() else {}
+            finished = sorted(name for name, outcome in outcomes.items() if outcome.get("status") in ("ok", "skipped"))
+            runs += [folder / name for name in finished if (folder / name / "registry.json").exists()]
+            others = sorted({p.parent.name for p in folder.glob("*/registry.json")} - set(finished))
+            if others:
+                print(f"[medcomp] left as they are, not finished by the sweep's last invocation (points.json): {', '.join(others)}")
         else:
             print(f"error: {folder}: neither a run folder (no registry.json) nor a sweep folder (no points/)", file=sys.stderr)
             return 2
