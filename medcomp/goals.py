@@ -20,7 +20,9 @@ FOUR_BIT_METHODS = ("gptq", "awq-qalora", "rtn-qalora", "awq-lora", "rtn-lora", 
 class Goal:
     name: str
     reference: str  # each candidate's score is a ratio to this variant's, point by point
-    candidates: tuple[str, ...]
+    # a variant name, or a tuple of names: one method whose variant a point names by a choice made on validation
+    # (prune, replace, GPTQ takes the replaced model with or without SFT), read at each point as whichever it built
+    candidates: tuple[str | tuple[str, ...], ...]
     min_mean_ratio: float
     min_point_ratio: float | None = None
     bytes_reference: str | None = None  # model bytes at most max_bytes_ratio × this variant's
@@ -54,7 +56,7 @@ def issue_goals(first_recovered: str) -> list[Goal]:
               f"{pruned}-streamline"), 0.95, 0.90,  # the replaced block alone, no SFT
              training_reference=first_recovered, max_training_ratio=1.5),
         Goal("#32 with #31: a deployable 4-bit pruned model", "finetuned",
-             (*pipeline, *[f"{name}-streamline-gptq" for name in (first_recovered, pruned)]), 0.92,  # prune, replace, GPTQ
+             (*pipeline, tuple(f"{name}-streamline-gptq" for name in (first_recovered, pruned))), 0.92,  # prune, replace, GPTQ
              bytes_reference="finetuned", max_bytes_ratio=0.35, decode_reference=f"{first_recovered}-awq", max_decode_ratio=1.05),
     ]
 
@@ -67,9 +69,20 @@ def _training_seconds(point: dict[str, Any], variant: str) -> float | None:
     return seconds[variant] + (seconds.get(built, 0.0) if built != variant and built.endswith("-streamline") else 0.0)
 
 
-def _mean_ratio(points: list[dict[str, Any]], read, candidate: str, reference: str | None) -> float | None:
-    ratios = [read(p, candidate) / read(p, reference) for p in points
-              if reference and read(p, candidate) is not None and read(p, reference)]
+def candidate_label(candidate: str | tuple[str, ...]) -> str:
+    """A candidate as the tables show it: its name, or a method's names joined by " or "."""
+    return candidate if isinstance(candidate, str) else " or ".join(candidate)
+
+
+def _built(point: dict[str, Any], candidate: str | tuple[str, ...]) -> str | None:
+    """The variant of ``candidate`` that ``point`` scored: the name, or the first of a method's names it has."""
+    names = (candidate,) if isinstance(candidate, str) else candidate
+    return next((name for name in names if name in (point.get("scores") or {})), None)
+
+
+def _mean_ratio(points: list[dict[str, Any]], read, candidate: str | tuple[str, ...], reference: str | None) -> float | None:
+    ratios = [read(p, name) / read(p, reference) for p in points
+              if reference and (name := _built(p, candidate)) and read(p, name) is not None and read(p, reference)]
     return sum(ratios) / len(ratios) if ratios else None
 
 
@@ -84,11 +97,12 @@ def goals_table(record: dict[str, Any], goals: list[Goal] | None = None) -> pd.D
     rows = []
     for goal in goals if goals is not None else issue_goals(first):
         for candidate in goal.candidates:
-            paired = [(score(p, candidate), score(p, goal.reference)) for p in points if score(p, candidate) is not None and score(p, goal.reference)]
+            paired = [(score(p, name), score(p, goal.reference)) for p in points
+                      if (name := _built(p, candidate)) and score(p, name) is not None and score(p, goal.reference)]
             if not paired:
                 continue
             ratios = [c / r for c, r in paired]
-            row = {"goal": goal.describe(), "candidate": candidate, "points": len(paired), "mean score": sum(c for c, _ in paired) / len(paired),
+            row = {"goal": goal.describe(), "candidate": candidate_label(candidate), "points": len(paired), "mean score": sum(c for c, _ in paired) / len(paired),
                    "score ratio (mean)": sum(ratios) / len(ratios), "lowest point's ratio": min(ratios)}
             checks = [row["score ratio (mean)"] >= goal.min_mean_ratio]
             if goal.min_point_ratio is not None:
