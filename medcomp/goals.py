@@ -104,29 +104,32 @@ def goals_table(record: dict[str, Any], goals: list[Goal] | None = None) -> pd.D
             ratios = [c / r for c, r in paired]
             row = {"goal": goal.describe(), "candidate": candidate_label(candidate), "points": len(paired), "mean score": sum(c for c, _ in paired) / len(paired),
                    "score ratio (mean)": sum(ratios) / len(ratios), "lowest point's ratio": min(ratios)}
-            checks = [row["score ratio (mean)"] >= goal.min_mean_ratio]
-            if goal.min_point_ratio is not None:
-                checks.append(min(ratios) >= goal.min_point_ratio)
+            failed = [f"score {row['score ratio (mean)']:.3f}× < {goal.min_mean_ratio}×"] if row["score ratio (mean)"] < goal.min_mean_ratio else []
+            if goal.min_point_ratio is not None and min(ratios) < goal.min_point_ratio:
+                failed.append(f"a point at {min(ratios):.3f}× < {goal.min_point_ratio}×")
             for label, read, reference, limit in (("bytes ratio", size, goal.bytes_reference, goal.max_bytes_ratio),
                                                   ("decode ratio", decode, goal.decode_reference, goal.max_decode_ratio),
                                                   ("training-time ratio", _training_seconds, goal.training_reference, goal.max_training_ratio)):
                 ratio = _mean_ratio(points, read, candidate, reference) if limit is not None else None
                 row[label] = ratio
-                checks += [ratio is not None and ratio <= limit] if limit is not None else []
-            row["meets the goal"] = all(checks)
+                if limit is not None and (ratio is None or ratio > limit):
+                    failed.append(f"{label.removesuffix(' ratio').replace('-', ' ')} {'not measured' if ratio is None else f'{ratio:.3f}×'} > {limit}×")
+            row["meets the goal"], row["fails"] = not failed, "; ".join(failed) or "—"
             rows.append(row)
     return pd.DataFrame(rows).set_index(["goal", "candidate"]) if rows else pd.DataFrame()
 
 
 def goal_verdicts(table: pd.DataFrame) -> dict[str, str]:
-    """Per goal, in words: the candidates that meet it, or that none does and which comes closest in score."""
+    """Per goal, in words: the candidates that meet it, or that none does, which comes closest in score, and the
+    checks that one fails."""
     verdicts = {}
     for goal, rows in table.groupby(level="goal", sort=False):
         met = [candidate for (_, candidate), ok in rows["meets the goal"].items() if ok]
         ratio = rows["score ratio (mean)"]
         best = ratio.idxmax()[1]
         verdicts[goal] = (f"met by {', '.join(f'`{c}`' for c in met)}" if met else
-                          f"not met; the highest score ratio is `{best}`'s, {ratio.max():.2f}× over {int(rows.loc[(goal, best), 'points'])} points")
+                          f"not met; the highest score ratio is `{best}`'s, {ratio.max():.2f}× over {int(rows.loc[(goal, best), 'points'])} points, "
+                          f"which fails: {rows.loc[(goal, best), 'fails']}")
     return verdicts
 
 

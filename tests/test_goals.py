@@ -41,7 +41,9 @@ def test_each_candidate_is_checked_against_every_threshold_of_its_goal():
     alone = table.loc[(recovery, "pruned-7-streamline")]  # the replaced block without SFT: its own 80 s only
     assert alone["training-time ratio"] == pytest.approx(0.8) and alone["score ratio (mean)"] == pytest.approx(0.9)
     verdicts = goal_verdicts(table)
-    assert verdicts[recovery].startswith("not met; the highest score ratio is `recovered-7-streamline`'s, 0.99×")
+    assert verdicts[recovery] == ("not met; the highest score ratio is `recovered-7-streamline`'s, 0.99× over 2 points, "
+                                  "which fails: training time 1.800× > 1.5×")
+    assert kd["fails"] == "score 0.920× < 0.95×; a point at 0.880× < 0.9×" and gptq["fails"] == "decode 1.067× > 1.05×"
 
 
 def test_a_goal_is_met_by_the_candidates_that_pass_every_check():
