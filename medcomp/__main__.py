@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tidy(folders: list[Path], dry_run: bool) -> int:
     """``tidy``: each run folder's rebuildable model folders deleted (or listed); a sweep folder stands for its points."""
+    from medcomp.executors import finished
     from medcomp.runs import Run
     from medcomp.stages.materialise import release
 
@@ -157,13 +157,12 @@ def _tidy(folders: list[Path], dry_run: bool) -> int:
     for folder in folders:
         if (folder / "registry.json").exists():
             runs.append(folder)
-        elif (folder / "points").is_dir():  # a sweep: the points its last invocation finished (a running one is not yet)
-            outcomes = json.loads((folder / "points.json").read_text()) if (folder / "points.json").exists() else {}
-            finished = sorted(name for name, outcome in outcomes.items() if outcome.get("status") in ("ok", "skipped"))
-            runs += [folder / name for name in finished if (folder / name / "registry.json").exists()]
-            others = sorted({p.parent.name for p in folder.glob("*/registry.json")} - set(finished))
+        elif (folder / "points").is_dir():  # a sweep: its finished points (a running one is not yet)
+            points = sorted(path.parent for path in folder.glob("*/registry.json"))
+            runs += [point for point in points if finished(point)]
+            others = [point.name for point in points if point not in runs]
             if others:
-                print(f"[medcomp] left as they are, not finished by the sweep's last invocation (points.json): {', '.join(others)}")
+                print(f"[medcomp] left as they are, not finished (a stage is not ok): {', '.join(others)}")
         else:
             print(f"error: {folder}: neither a run folder (no registry.json) nor a sweep folder (no points/)", file=sys.stderr)
             return 2

@@ -219,12 +219,19 @@ def test_tidy_frees_each_sweep_points_rebuildable_folders_and_keeps_the_rest(tmp
             (folder / "model.safetensors").write_bytes(b"x" * 1000)
             run.register_variant(Variant(name=name, stage="03", path=str(folder), parent=None if name == "finetuned" else "finetuned",
                                          extra={"rebuild": recipe} if recipe else {}))
-    (sweep / "points.json").write_text(json.dumps({"seed0": {"status": "ok"}, "seed1": {"status": "failed"}}))
+    from medcomp.executors import STAGES
+
+    def finish(point, stages):
+        for stage in stages:
+            (Run(sweep / point).stage_dir(stage) / "status.json").write_text(json.dumps({"status": "ok"}))
+
+    finish("seed0", STAGES)
+    finish("seed1", STAGES[:3])  # still running
     assert main(["tidy", str(sweep), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would free 0.00 GB in 1 run folder(s)" in out and "not finished by the sweep's last invocation (points.json): seed1" in out
+    assert "would free 0.00 GB in 1 run folder(s)" in out and "not finished (a stage is not ok): seed1" in out
     assert (sweep / "seed0/stages/03/pruned-1").is_dir()  # a dry run deletes nothing
-    (sweep / "points.json").write_text(json.dumps({"seed0": {"status": "ok"}, "seed1": {"status": "skipped"}}))
+    finish("seed1", STAGES)
     assert main(["tidy", str(sweep)]) == 0
     assert capsys.readouterr().out.count("deleted") == 2
     for point in ("seed0", "seed1"):  # only the folder with a recipe: the 4-bit one and the recipe's parent stay
