@@ -13,6 +13,9 @@ from typing import Any
 
 import pandas as pd
 
+PAPER_STAGES = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "06_benchmark", "07_judge")
+# issue 31's time goals for `make report` on the embedded default: the paper's notebooks, then 08 on its own
+TIME_BUDGETS = {"01-07": (PAPER_STAGES, 20 * 60.0), "08": (("08_beyond",), 8 * 60.0)}
 FOUR_BIT_METHODS = ("gptq", "awq-qalora", "rtn-qalora", "awq-lora", "rtn-lora", "qlora", "awq", "rtn", "bnb")
 
 
@@ -136,3 +139,36 @@ def goal_verdicts(table: pd.DataFrame) -> dict[str, str]:
 def verdicts_markdown(table: pd.DataFrame) -> str:
     """``goal_verdicts`` as a Markdown list."""
     return "\n".join(f"- {goal}: **{verdict}**" for goal, verdict in goal_verdicts(table).items())
+
+
+def time_budget_table(record: dict[str, Any]) -> pd.DataFrame:
+    """Each point's seconds per stage, as its manifest recorded them (a reused stage keeps the seconds of the run
+    that built it), and the sums that issue 31's time goals bound (``TIME_BUDGETS``); the last row is the mean.
+
+    A sweep's points share one bootstrap (the embedded data and base model are built once), so these are the
+    stages' own times, not `make report`'s from an empty cache, and they carry whatever else ran on the machine.
+    """
+    rows = {}
+    for name, point in (record.get("points") or {}).items():
+        if not (seconds := point.get("stage seconds") or {}):
+            continue  # a transcribed point, or one that never ran
+        rows[name] = {**seconds, **{f"{label} seconds": sum(seconds[s] for s in stages) if all(s in seconds for s in stages) else None
+                                    for label, (stages, _) in TIME_BUDGETS.items()}}
+    table = pd.DataFrame(rows).T.astype(float)
+    return pd.concat([table, table.mean().to_frame("mean").T]) if not table.empty else table
+
+
+def time_budget_verdicts(table: pd.DataFrame) -> str:
+    """Per time goal, in words: its budget, the mean and the fastest point against it, and whether it is met."""
+    lines = []
+    for label, (_, budget) in TIME_BUDGETS.items():
+        column = table.get(f"{label} seconds")
+        per_point = column.drop("mean").dropna() if column is not None else pd.Series(dtype=float)
+        if per_point.empty:
+            lines.append(f"- {label} within {budget / 60:.0f} min: **not measured** in this sweep")
+            continue
+        mean, fastest = per_point.mean(), per_point.min()
+        verdict = "met" if mean <= budget else "not met"
+        lines.append(f"- {label} within {budget / 60:.0f} min ({budget:,.0f} s): **{verdict}**: {mean:,.0f} s on average over "
+                     f"{len(per_point)} point{'s' * (len(per_point) > 1)} ({mean / budget:.2f}× the budget), the fastest {fastest:,.0f} s")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from medcomp.files import atomic_write_json, atomic_write_text
-from medcomp.goals import goal_verdicts, goals_table
+from medcomp.goals import goal_verdicts, goals_table, time_budget_table, time_budget_verdicts
 from medcomp.paper import TABLE_4
 from medcomp.params import REPO_ROOT, Params
 from medcomp.runs import Run
@@ -207,6 +207,10 @@ def results_page(results: list[dict[str, Any]]) -> str:
             parts += ["The issues' goals for 08's models (`medcomp.goals`; ratios within a point, then averaged):\n",
                       *[f"- {goal}: {verdict}" for goal, verdict in goal_verdicts(goals).items()], "",
                       _markdown(goals.reset_index()), ""]
+        timings = time_budget_table(result) if result.get("kind") == "sweep" else pd.DataFrame()
+        if not timings.empty:
+            parts += ["Issue 31's time goals, against each point's seconds per stage (the points share one bootstrap):\n",
+                      time_budget_verdicts(timings), "", _markdown(timings.map(lambda v: None if pd.isna(v) else f"{v:,.0f}").rename_axis("point").reset_index()), ""]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 

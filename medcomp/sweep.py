@@ -25,7 +25,7 @@ import yaml
 
 from medcomp import results
 from medcomp.files import atomic_write_text
-from medcomp.goals import goal_verdicts, goals_table
+from medcomp.goals import goal_verdicts, goals_table, time_budget_table, time_budget_verdicts
 from medcomp.params import ParamsError, SweepParams, load_params, merge_overrides, resolve_params_path
 from medcomp.executors import check_settings, run_points, write_outcomes
 from medcomp.runs import REPORTS_DIR, Run
@@ -219,12 +219,18 @@ def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Pat
     if not frontier.empty:
         parts += ["<h2>The frontier over the points</h2><p>07's score and 06's bytes and decode time as ratios to each point's "
                   "finetuned model; the spread is the standard deviation over the points.</p>", frontier_figure_html(frontier), frontier.to_html(escape=True)]
-    goals = goals_table(results.sweep_results(sweep_dir, points))
+    record = results.sweep_results(sweep_dir, points)
+    goals = goals_table(record)
     if not goals.empty:
         parts += ["<h2>The issues' goals for 08's models, over the points</h2><p>Every candidate the goal names, with each check; "
                   "ratios are taken within a point, then averaged.</p><ul>"
                   + "".join(f"<li>{html.escape(goal)}: {html.escape(verdict)}</li>" for goal, verdict in goal_verdicts(goals).items()) + "</ul>",
                   goals.to_html(escape=True, float_format=lambda x: f"{x:.3f}")]
+    timings = time_budget_table(record)
+    if not timings.empty:
+        parts += ["<h2>Time goals, point by point</h2><p>Issue 31's budgets against each point's seconds per stage; the points "
+                  "share one bootstrap, so these are not <code>make report</code>'s from an empty cache.</p><pre>"
+                  + html.escape(time_budget_verdicts(timings)) + "</pre>", timings.to_html(escape=True, float_format=lambda x: f"{x:,.0f}")]
     if verdicts:
         parts += ["<h2>The paper's claims, and this package's, over the points</h2><p>A claim holds only where it holds on every point; its interval "
                   "is the union of the points' paired-bootstrap intervals.</p>", verdicts_over_points(verdicts).to_html(escape=True)]

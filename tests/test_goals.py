@@ -1,8 +1,9 @@
 """The issues' goals over a sweep record: ratios within a point then averaged, each threshold checked."""
 
+import pandas as pd
 import pytest
 
-from medcomp.goals import Goal, goal_verdicts, goals_table, issue_goals
+from medcomp.goals import Goal, goal_verdicts, goals_table, issue_goals, time_budget_table, time_budget_verdicts
 
 
 def _point(scores, efficiency, training=None):
@@ -72,3 +73,20 @@ def test_the_combined_goal_counts_prune_replace_gptq_as_one_method_whichever_mod
     only_seed0 = goals_table({"table 4": {"Pruning and SFT": "recovered-7"}, "points": {"seed=0": seed0}})
     assert only_seed0.loc[(combined, "recovered-7-streamline-gptq or pruned-7-streamline-gptq"), "meets the goal"]
     assert not table.loc[(combined, "recovered-7-gptq"), "meets the goal"]  # 0.85× and 0.90×
+
+
+def test_the_time_goals_sum_each_points_stages_and_compare_the_mean_with_the_budget():
+    fast = {stage: 100.0 for stage in ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "06_benchmark")}
+    record = {"points": {"seed=0": {"stage seconds": {**fast, "07_judge": 50.0, "08_beyond": 400.0}},  # 650 s and 400 s
+                         "seed=1": {"stage seconds": {**fast, "07_judge": 1000.0, "08_beyond": 700.0}},  # 1,600 s and 700 s
+                         "seed=2": {"stage seconds": {**fast, "08_beyond": 100.0}}}}  # 07 missing: no 01-07 sum
+    table = time_budget_table(record)
+    assert table.loc["seed=0", "01-07 seconds"] == 650.0 and table.loc["seed=1", "01-07 seconds"] == 1600.0
+    assert pd.isna(table.loc["seed=2", "01-07 seconds"])
+    assert table.loc["mean", "01-07 seconds"] == pytest.approx(1125.0) and table.loc["mean", "08 seconds"] == pytest.approx(400.0)
+    assert time_budget_verdicts(table).splitlines() == [
+        "- 01-07 within 20 min (1,200 s): **met**: 1,125 s on average over 2 points (0.94× the budget), the fastest 650 s",
+        "- 08 within 8 min (480 s): **met**: 400 s on average over 3 points (0.83× the budget), the fastest 100 s"]
+    record["points"]["seed=2"]["stage seconds"]["08_beyond"] = 500.0  # mean 533 s
+    assert "08 within 8 min (480 s): **not met**: 533 s" in time_budget_verdicts(time_budget_table(record))
+    assert time_budget_verdicts(time_budget_table({"points": {"a": {}}})).startswith("- 01-07 within 20 min: **not measured**")
