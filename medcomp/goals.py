@@ -152,7 +152,7 @@ def time_budget_table(record: dict[str, Any]) -> pd.DataFrame:
     for name, point in (record.get("points") or {}).items():
         if not (seconds := point.get("stage seconds") or {}):
             continue  # a transcribed point, or one that never ran
-        rows[name] = {**seconds, **{f"{label} seconds": sum(seconds[s] for s in stages) if all(s in seconds for s in stages) else None
+        rows[name] = {**seconds, **{f"{label} seconds": sum(seconds[s] for s in stages) if all(seconds.get(s) is not None for s in stages) else None
                                     for label, (stages, _) in TIME_BUDGETS.items()}}
     table = pd.DataFrame(rows).T.astype(float)
     return pd.concat([table, table.mean().to_frame("mean").T]) if not table.empty else table

@@ -79,7 +79,7 @@ def test_the_time_goals_sum_each_points_stages_and_compare_the_mean_with_the_bud
     fast = {stage: 100.0 for stage in ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "06_benchmark")}
     record = {"points": {"seed=0": {"stage seconds": {**fast, "07_judge": 50.0, "08_beyond": 400.0}},  # 650 s and 400 s
                          "seed=1": {"stage seconds": {**fast, "07_judge": 1000.0, "08_beyond": 700.0}},  # 1,600 s and 700 s
-                         "seed=2": {"stage seconds": {**fast, "08_beyond": 100.0}}}}  # 07 missing: no 01-07 sum
+                         "seed=2": {"stage seconds": {**fast, "07_judge": None, "08_beyond": 100.0}}}}  # 07 not timed: no 01-07 sum
     table = time_budget_table(record)
     assert table.loc["seed=0", "01-07 seconds"] == 650.0 and table.loc["seed=1", "01-07 seconds"] == 1600.0
     assert pd.isna(table.loc["seed=2", "01-07 seconds"])
