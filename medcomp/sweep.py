@@ -228,9 +228,11 @@ def write_sweep_index(sweep_dir: Path, points: dict[str, dict[str, Any]]) -> Pat
                   goals.to_html(escape=True, float_format=lambda x: f"{x:.3f}")]
     timings = time_budget_table(record)
     if not timings.empty:
+        bold = lambda line: re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(line.removeprefix("- ")))  # noqa: E731
         parts += ["<h2>Time goals, point by point</h2><p>Issue 31's budgets against each point's seconds per stage; the points "
-                  "share one bootstrap, so these are not <code>make report</code>'s from an empty cache.</p><pre>"
-                  + html.escape(time_budget_verdicts(timings)) + "</pre>", timings.to_html(escape=True, float_format=lambda x: f"{x:,.0f}")]
+                  "share one bootstrap, so these are not <code>make report</code>'s from an empty cache.</p><ul>"
+                  + "".join(f"<li>{bold(line)}</li>" for line in time_budget_verdicts(timings).splitlines()) + "</ul>",
+                  timings.to_html(escape=True, float_format=lambda x: f"{x:,.0f}")]
     if verdicts:
         parts += ["<h2>The paper's claims, and this package's, over the points</h2><p>A claim holds only where it holds on every point; its interval "
                   "is the union of the points' paired-bootstrap intervals.</p>", verdicts_over_points(verdicts).to_html(escape=True)]
