@@ -28,7 +28,7 @@ def test_a_changed_result_makes_the_readme_and_the_results_page_stale(tmp_path):
     path.write_text(json.dumps(record))
     assert set(results.write_docs(tmp_path, check=True)) == {tmp_path / "README.md", tmp_path / "docs" / "results.md"}
     results.write_docs(tmp_path)
-    assert "12.3 ± 11.6 (`recovered-7-awq`)" in (tmp_path / "README.md").read_text()
+    assert f"12.3 ± {record['score spread']['recovered-7-awq']['sd']:.1f} (`recovered-7-awq`)" in (tmp_path / "README.md").read_text()
     assert results.write_docs(tmp_path, check=True) == []
 
 
