@@ -151,8 +151,13 @@ def newest_sweep(world: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | 
 
 
 def label(result: dict[str, Any]) -> str:
-    commit = (result.get("git") or {}).get("commit") or "?"
-    return f"{str(result.get('date') or '?')[:10]}, `{commit[:7]}`"
+    """The record's date and commit; a sweep whose points ran at other commits than its first names each of them."""
+    commits = [(result.get("git") or {}).get("commit") or "?"]
+    for point in (result.get("points") or {}).values():
+        commit = (point.get("git") or {}).get("commit")
+        if commit and commit not in commits:
+            commits.append(commit)
+    return f"{str(result.get('date') or '?')[:10]}, " + ", ".join(f"`{c[:7]}`" for c in commits)
 
 
 def headline_table(results: list[dict[str, Any]]) -> str:

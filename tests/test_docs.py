@@ -81,3 +81,11 @@ def test_results_records_carry_each_variants_bytes_decode_and_recovery_time(tmp_
     record = results.run_results(run_dir)
     assert record["efficiency"] == {"finetuned": {"model bytes": 1000, "decode ms/token": 45.0}}  # the median; unmeasured left out
     assert record["training seconds"] == {"recovered-7": 30.0, "recovered-7-streamline": 31.0, "pruned-7-streamline": 40.0}
+
+
+def test_a_sweeps_label_names_every_commit_its_points_ran_at():
+    record = {"date": "2026-12-05T21:32:42+00:00", "git": {"commit": "7ed372319264"},
+              "points": {"seed0": {"git": {"commit": "7ed372319264"}}, "seed1": {"git": {"commit": "083e0565adca"}},
+                         "seed2": {"git": {"commit": "083e0565adca"}}, "seed3": {}}}
+    assert results.label(record) == "2026-12-05, `7ed3723`, `083e056`"
+    assert results.label({"date": "2026-12-04", "git": {"commit": "532f71a0"}}) == "2026-12-04, `532f71a`"
