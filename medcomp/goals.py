@@ -13,7 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-PAPER_STAGES = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "06_benchmark", "07_judge")
+from medcomp.runs import RUN_ORDER
+
+PAPER_STAGES = tuple(stage for stage in RUN_ORDER if stage != "08_beyond")
 # issue 31's time goals for `make report` on the embedded default: the paper's notebooks, then 08 on its own
 TIME_BUDGETS = {"01-07": (PAPER_STAGES, 20 * 60.0), "08": (("08_beyond",), 8 * 60.0)}
 FOUR_BIT_METHODS = ("gptq", "awq-qalora", "rtn-qalora", "awq-lora", "rtn-lora", "qlora", "awq", "rtn", "bnb")

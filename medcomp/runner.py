@@ -27,7 +27,7 @@ from medcomp.data import DatasetError, check_layout
 from medcomp.params import REPO_ROOT, Params, ParamsError, load_params, resolve_params_path
 from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint, published_reference
 from medcomp.results import write_run_results
-from medcomp.runs import REPORTS_DIR, Run, write_manifest
+from medcomp.runs import REPORTS_DIR, RUN_ORDER, Run, write_manifest
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -40,11 +40,6 @@ class StageOutcome:
     html: str | None
     error: str | None = None
     reason: str = ""
-
-
-# The order stages run in. 08_beyond builds variants that 06 measures and 07 scores, so it runs after 05;
-# its number says that it goes beyond the paper's seven notebooks. A notebook not listed runs after these, by name.
-RUN_ORDER = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "08_beyond", "06_benchmark", "07_judge")
 
 
 def discover_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:

@@ -22,6 +22,9 @@ from medcomp.files import atomic_write_json, atomic_write_jsonl, atomic_write_te
 from medcomp.params import REPO_ROOT, Params
 
 REPORTS_DIR = REPO_ROOT / "reports"
+# The order a run takes its stages (runner, executors, goals). 08_beyond builds variants that 06 measures and 07 scores,
+# so it runs after 05; its number says that it goes beyond the paper's seven notebooks. A notebook not listed runs last.
+RUN_ORDER = ("01_finetune", "02_layer_importance", "03_prune", "04_sft_pruned", "05_quantize", "08_beyond", "06_benchmark", "07_judge")
 TRACKED_PACKAGES = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gptqmodel", "optimum",
     "sentence-transformers", "gguf", "papermill", "nbconvert", "pydantic", "pandas", "numpy",
