@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medcomp.params import SweepParams
-from medcomp.runner import RUN_ORDER
-from medcomp.runs import Run
+from medcomp.runs import RUN_ORDER, Run
 
 STAGES = RUN_ORDER
 
