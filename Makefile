@@ -13,7 +13,7 @@ report: setup
 
 # Whole suite, slow end-to-end checks included (CI runs this).
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=10
 
 # Unit tests only (a couple of minutes).
 test-fast: setup

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from medcomp.costs import operation
 from medcomp.data import VQAExample, load_rgb
 from medcomp.files import atomic_write_json
 from medcomp.loading import decoder_bytes, decoder_layers, load_variant, tensor_bytes, to_model
@@ -273,7 +274,8 @@ def benchmark_variants(variants: Sequence[Any], processor, example: VQAExample, 
     probe = MemoryProbe(device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    with node_timing_lock():
+    with node_timing_lock(), operation(f"timing loop ({len(variants)} variants, {threads} thread{'s' * (threads > 1)})", "timing loop") as work:
+        work.tokens = len(variants) * (settings.warmup + settings.repeats) * settings.new_tokens
         return _benchmark(variants, processor, example, settings, device, probe, load, progress, previous_threads)
 
 

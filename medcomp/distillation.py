@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from medcomp.costs import forward_flops, model_dtype, operation
 from medcomp.encoding import IGNORE_INDEX, LeftPadCollator, encode_for_training
 from medcomp.loading import to_model
 
@@ -79,14 +80,19 @@ def teacher_targets(teacher, processor, examples: Sequence[Any], top_k: int = 64
     collate = LeftPadCollator(processor.tokenizer.pad_token_id)
     wanted = sorted(set(only)) if only is not None else list(range(len(examples)))
     logits_out, indices_out, mass = {}, {}, []
-    for start in tqdm(range(0, len(wanted), batch_size), desc="teacher targets", unit="batch"):
-        chunk = wanted[start:start + batch_size]
-        batch = collate([encode_for_training(processor, examples[i]) for i in chunk])
-        logits, _, counts = _answer_logits(teacher, to_model(batch, teacher))
-        top = logits.topk(top_k, dim=-1)
-        mass.append(torch.softmax(logits, dim=-1).gather(1, top.indices).sum(-1))
-        for i, values, ids in zip(chunk, top.values.cpu().split(counts.tolist()), top.indices.cpu().split(counts.tolist())):
-            logits_out[i], indices_out[i] = values.clone(), ids.clone()
+    with operation(f"teacher pass ({len(wanted)} sequences)", "answer pass", model_dtype(teacher)) as work:
+        work.flops, work.tokens = 0.0, 0
+        for start in tqdm(range(0, len(wanted), batch_size), desc="teacher targets", unit="batch"):
+            chunk = wanted[start:start + batch_size]
+            batch = collate([encode_for_training(processor, examples[i]) for i in chunk])
+            logits, _, counts = _answer_logits(teacher, to_model(batch, teacher))
+            positions = int(batch["attention_mask"].sum())
+            work.flops += forward_flops(teacher.config, positions, context=batch["attention_mask"].shape[1] / 2)
+            work.tokens += positions
+            top = logits.topk(top_k, dim=-1)
+            mass.append(torch.softmax(logits, dim=-1).gather(1, top.indices).sum(-1))
+            for i, values, ids in zip(chunk, top.values.cpu().split(counts.tolist()), top.indices.cpu().split(counts.tolist())):
+                logits_out[i], indices_out[i] = values.clone(), ids.clone()
     return TeacherTargets(logits_out, indices_out, float(torch.cat(mass).mean()), identity)
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from medcomp.costs import forward_flops, model_dtype, operation
 from medcomp.data import VQAExample, load_rgb
 from medcomp.knowledge import DISEASES_BY_SLUG
 from medcomp.loading import to_model
@@ -38,26 +39,39 @@ def generate_answers(
     # the order of ``examples``.
     order = sorted(range(len(examples)), key=lambda i: (examples[i].question_kind, i))
     rows_by_index: dict[int, dict[str, Any]] = {}
-    for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", disable=not progress):
-        indices = order[start : start + batch_size]
-        batch = [examples[i] for i in indices]
-        texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
-        inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True), model)
-        new_tokens = greedy_tokens(model, inputs, max_new_tokens, end_ids)
-        for index, example, tokens, text in zip(indices, batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
-            rows_by_index[index] = (
-                {
-                    "image": example.image,
-                    "disease": example.disease,
-                    "question_kind": example.question_kind,
-                    "question": example.question,
-                    "reference": example.reference,
-                    "answer": text.strip(),
-                    "new_tokens": sum(t != processor.tokenizer.pad_token_id for t in tokens),
-                    "stopped": any(int(t) in end_ids for t in tokens),
-                }
-            )
+    with operation(description, "answer pass", model_dtype(model)) as work:
+        work.flops, work.tokens = 0.0, 0
+        for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", disable=not progress):
+            indices = order[start : start + batch_size]
+            rows_by_index.update(_answer_batch(model, processor, [examples[i] for i in indices], indices, max_new_tokens, end_ids, work))
     return [rows_by_index[i] for i in range(len(examples))]
+
+
+def _answer_batch(model, processor, batch: Sequence[VQAExample], indices: Sequence[int], max_new_tokens: int, end_ids: set[int],
+                  work) -> dict[int, dict[str, Any]]:
+    """One batch of ``generate_answers``; adds its tokens and FLOPs to ``work`` (the cost table's)."""
+    texts = [processor.apply_chat_template(e.prompt_messages(), add_generation_prompt=True) for e in batch]
+    inputs = to_model(processor(text=texts, images=[load_rgb(e.image) for e in batch], return_tensors="pt", padding=True), model)
+    new_tokens = greedy_tokens(model, inputs, max_new_tokens, end_ids)
+    prompt = int(inputs["attention_mask"].sum())
+    generated = sum(len(tokens) for tokens in new_tokens)
+    # prefill: every prompt position, the head on the last one; decode: one position a token, attending to the prompt and half the answer
+    work.flops += forward_flops(model.config, prompt, context=prompt / len(batch) / 2, logits=len(batch))
+    work.flops += forward_flops(model.config, generated, context=prompt / len(batch) + generated / len(batch) / 2)
+    work.tokens += prompt + generated
+    rows_by_index = {}
+    for index, example, tokens, text in zip(indices, batch, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)):
+        rows_by_index[index] = {
+            "image": example.image,
+            "disease": example.disease,
+            "question_kind": example.question_kind,
+            "question": example.question,
+            "reference": example.reference,
+            "answer": text.strip(),
+            "new_tokens": sum(t != processor.tokenizer.pad_token_id for t in tokens),
+            "stopped": any(int(t) in end_ids for t in tokens),
+        }
+    return rows_by_index
 
 
 @torch.inference_mode()

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from medcomp.costs import forward_flops, model_dtype, operation
 from medcomp.data import VQAExample
 from medcomp.evaluation import generate_answers
 from medcomp.encoding import IGNORE_INDEX, answer_loss, teacher_forced_batches
@@ -91,6 +92,13 @@ def similarity_sweep(
     cache = LayerCache(cache_path, [setup, [(e.image, e.question) for e in calibration], max_new_tokens, batch_size, list(reference)])
     reference_embeddings = embed(sentence_model, reference)
     rows = []
+    with operation("prune-one-block sweep (similarity)", "ranking", model_dtype(model)):
+        rows = _similarity_rows(model, processor, calibration, layers, max_new_tokens, batch_size, sentence_model, cache, reference_embeddings)
+    return pd.DataFrame(rows).set_index("layer")
+
+
+def _similarity_rows(model, processor, calibration, layers, max_new_tokens, batch_size, sentence_model, cache, reference_embeddings) -> list[dict[str, Any]]:
+    rows = []
     for layer in tqdm(layers, desc="prune-one-block sweep", unit="layer"):
         entry = cache.get(f"layer {layer}")
         if entry is None:
@@ -106,7 +114,7 @@ def similarity_sweep(
         rows.append({"layer": layer, "similarity": float(sims.mean()), "similarity_std": float(sims.std()),
                      "similarities": entry["similarities"], "generate_seconds": entry["generate_seconds"],
                      "embed_seconds": entry["embed_seconds"], "answers": entry["answers"]})
-    return pd.DataFrame(rows).set_index("layer")
+    return rows
 
 
 def answer_texts(model, processor, examples: Sequence[VQAExample], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -213,15 +221,24 @@ def perplexity_sweep(model, processor, calibration: Sequence[VQAExample], layers
         batches = teacher_forced_batches(processor, calibration, batch_size)  # tokenised once, not once per layer
     totals, tokens = {layer: 0.0 for layer in layers}, 0
     bar = tqdm(total=len(batches) * len(layers), desc="perplexity sweep", unit="layer", disable=not progress)
-    for batch in batches:
-        batch = to_model(batch, model)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        inputs = layer_inputs(model, batch, layers)
-        for layer in layers:
-            with without_layer_given_input(model, layer, inputs.pop(layer).to(batch["input_ids"].device)):
-                totals[layer] += float(answer_loss(model, batch)) * n
-            bar.update()
-        tokens += n
+    depth = len(decoder_layers(model))
+    with operation("perplexity sweep", "ranking", model_dtype(model)) as work:
+        work.flops, work.tokens = 0.0, 0
+        for batch in batches:
+            batch = to_model(batch, model)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            inputs = layer_inputs(model, batch, layers)
+            positions = int(batch["attention_mask"].sum())
+            width = batch["attention_mask"].shape[1]
+            # one unpruned forward, then per removed block the blocks after it
+            run = 1 + sum(depth - 1 - layer for layer in layers) / depth
+            work.flops += run * forward_flops(model.config, positions, context=width / 2)
+            work.tokens += positions
+            for layer in layers:
+                with without_layer_given_input(model, layer, inputs.pop(layer).to(batch["input_ids"].device)):
+                    totals[layer] += float(answer_loss(model, batch)) * n
+                bar.update()
+            tokens += n
     bar.close()
     return pd.Series({layer: float(np.exp(totals[layer] / tokens)) for layer in layers}, name="perplexity")
 
@@ -282,12 +299,13 @@ def iterative_removal(model, processor, calibration: Sequence[VQAExample], candi
     num_layers = len(decoder_layers(model))
     removed: list[int] = []
     rounds: list[pd.Series] = []
-    for _ in tqdm(range(count), desc="iterative removal", unit="block", disable=not progress):
-        kept = [index for index in range(num_layers) if index not in removed]
-        remaining = [index for index in candidates if index not in removed]
-        with without_layers(model, removed):
-            scores = perplexity_sweep(model, processor, calibration, [kept.index(index) for index in remaining], batches=batches, progress=False)
-        scores.index = remaining
-        removed.append(ranking(scores, higher_is_less_important=False)[0])
-        rounds.append(scores)
+    with operation(f"iterative removal (SLEB, {count} rounds)", "ranking", model_dtype(model)):
+        for _ in tqdm(range(count), desc="iterative removal", unit="block", disable=not progress):
+            kept = [index for index in range(num_layers) if index not in removed]
+            remaining = [index for index in candidates if index not in removed]
+            with without_layers(model, removed):
+                scores = perplexity_sweep(model, processor, calibration, [kept.index(index) for index in remaining], batches=batches, progress=False)
+            scores.index = remaining
+            removed.append(ranking(scores, higher_is_less_important=False)[0])
+            rounds.append(scores)
     return removed, rounds

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medcomp.costs import operation
 from medcomp.data import VQAExample, load_rgb
 from medcomp.files import atomic_write_json
 from medcomp.loading import PROJECTOR, load_llava, load_processor, load_sentence_model, save_with_processor
@@ -125,14 +126,16 @@ def pretrain_vision_tower(
 
     losses = []
     started = time.perf_counter()
-    for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
-        batch = train[torch.randint(len(train), (batch_size,), generator=generator)]
-        log_probs = logits(batch).log_softmax(dim=-1)
-        loss = -torch.logsumexp(log_probs.masked_fill(~positive[batch], float("-inf")), dim=-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    with operation(f"bootstrap: vision pretraining ({steps} steps)", "training", str(pixels.dtype).removeprefix("torch.")) as work:
+        work.notes = "the tower's full weights: work not counted (a vision transformer, not the language model)"
+        for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
+            batch = train[torch.randint(len(train), (batch_size,), generator=generator)]
+            log_probs = logits(batch).log_softmax(dim=-1)
+            loss = -torch.logsumexp(log_probs.masked_fill(~positive[batch], float("-inf")), dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
     seconds = time.perf_counter() - started
     tower.eval()
     with torch.no_grad():

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from medcomp.calibration import check_finite_activations, describe_conversation, with_images_loaded
+from medcomp.costs import operation
 from medcomp.files import atomic_directory, atomic_write_json
 from medcomp.int4 import from_quantized_checkpoint, save_int4
 from medcomp.loading import FULL_PRECISION_MODULES, QuantizationError, bnb_4bit_config, checkpoint_identity, import_gptqmodel_quietly, load_llava, load_processor, release_accelerator_memory
@@ -33,9 +34,74 @@ RECORD = "quantization.json"
 
 
 def search_dtype(device) -> torch.dtype:
-    """The dtype of GPTQModel's AWQ search and packing: float16 on every device. GPTQModel packs into float16 or
-    bfloat16 only, and a T4 (compute capability 7.5) has no bfloat16 arithmetic; fp16 serves every GPU the same."""
-    return torch.float16
+    """The dtype GPTQModel's AWQ, GPTQ and RTN searches run in: float32 on the CPU, float16 on a GPU.
+
+    A T4 (compute capability 7.5) has no bfloat16 arithmetic, and fp16 serves every GPU the same. On the CPU fp16
+    matrix products run about 50× slower than fp32 (this machine's measured GEMM peaks: docs/performance.md), and
+    the search is mostly matrix products: fp32 there. What is stored does not change with it: GPTQModel packs the
+    scales in fp16 whatever the search ran in (``AwqTorchLinear.pack``; GPTQ's ``scales.to(float16)``), and the
+    codes are rounded against those fp16 scales (tested: ``test_a_cpu_search_runs_in_fp32_and_stores_fp16_scales``).
+    The search's own arithmetic differs from a T4's: docs/reproducibility.md."""
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def _allow_fp32_awq_packing() -> None:
+    """Let GPTQModel's AWQ packing class take an fp32 model. Its only fp16/bf16 restriction is a declared list
+    (``SUPPORTS_DTYPES``) checked when the packed module is created; ``pack`` itself casts the scales to fp16 and
+    rounds the codes against them. Only in the quantizer's child process, which exists for this one job."""
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    if torch.float32 not in AwqTorchLinear.SUPPORTS_DTYPES:
+        AwqTorchLinear.SUPPORTS_DTYPES = [*AwqTorchLinear.SUPPORTS_DTYPES, torch.float32]
+
+
+def awq_best_clip(processor, w: torch.Tensor, input_feat: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5,
+                  n_sample_token: int = 512) -> torch.Tensor:
+    """GPTQModel's ``AWQProcessor._compute_best_clip`` (7.7; AutoAWQ's ``auto_clip``) with its two reconstructions
+    as matrix products: the same grid, candidates, errors and choice.
+
+    Why: GPTQModel forms each group's output as ``(input_feat * w).sum(-1)``, an elementwise product of
+    ``[out, tokens, groups, 64]`` elements, 10 times per batch of 256 output channels. Here that was 55 % of an
+    AWQ search (py-spy: 61 of 111 s for the embedded model on 8 calibration conversations), spent moving memory,
+    not computing. ``einsum("tgk,ogk->otg")`` is a batched GEMM over groups with the same products; only the order
+    of the 64-term sums differs (tested against the library's own method: ``test_awq_clip_search_matches_gptqmodels``).
+    """
+    assert w.dim() == 2
+    out_features, in_features = w.shape
+    group_size = processor.qcfg.group_size if processor.qcfg.group_size > 0 else in_features
+    feat = input_feat.reshape(-1, in_features)
+    feat = feat[:: max(1, feat.shape[0] // n_sample_token)].reshape(-1, in_features // group_size, group_size)  # [t, g, k]
+    feat = feat.to(w.device)
+    w_all = w.reshape(out_features, 1, -1, group_size)
+    batch = 256 if out_features % 256 == 0 else 64
+    assert out_features % batch == 0
+    scratch_clamp = torch.empty_like(w_all[:batch])
+    scratch_quant = torch.empty_like(scratch_clamp)
+    best = []
+    for start in range(0, out_features, batch):
+        w_batch = w_all[start:start + batch]
+        org_max_val = w_batch.abs().amax(dim=-1, keepdim=True)  # [o, 1, g, 1]
+        errors, max_vals = [torch.full_like(org_max_val, float("inf"))], [org_max_val]
+        org_out = torch.einsum("tgk,ogk->otg", feat, w_batch[:, 0])
+        for shrink in range(int(max_shrink * n_grid)):
+            max_val = org_max_val * (1 - shrink / n_grid)
+            torch.clamp(w_batch, -max_val, max_val, out=scratch_clamp[: w_batch.shape[0]])
+            processor._pseudo_quantize_tensor_into(scratch_clamp[: w_batch.shape[0]], scratch_quant[: w_batch.shape[0]], abs_max=max_val)
+            current = torch.einsum("tgk,ogk->otg", feat, scratch_quant[: w_batch.shape[0], 0])
+            errors.append(current.sub_(org_out).pow_(2).mean(dim=1).view(org_max_val.shape))
+            max_vals.append(max_val)
+        index = torch.stack(errors, dim=0).nan_to_num(nan=torch.inf).argmin(dim=0)
+        best.append(torch.gather(torch.stack(max_vals, dim=0), dim=0, index=index.unsqueeze(0)).squeeze(0))
+    return torch.cat(best, dim=0).squeeze(1)
+
+
+def _fast_awq_clip_search() -> None:
+    """Serve GPTQModel's AWQ clip search by ``awq_best_clip``: in the quantizer's child process only."""
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    if not hasattr(AWQProcessor, "library_compute_best_clip"):  # the library's own, kept for the test that compares them
+        AWQProcessor.library_compute_best_clip = AWQProcessor._compute_best_clip
+    AWQProcessor._compute_best_clip = torch.inference_mode()(awq_best_clip)
 
 
 def _gptqmodel_quantize(source: str, target: Path, config, conversations, as_int4: bool = False) -> float:
@@ -48,8 +114,13 @@ def _gptqmodel_quantize(source: str, target: Path, config, conversations, as_int
     from gptqmodel import GPTQModel
 
     started = time.perf_counter()
-    model = GPTQModel.load(source, config, dtype=search_dtype(config.device))
-    model.quantize(with_images_loaded(conversations), batch_size=1)
+    dtype = search_dtype(config.device)
+    if dtype == torch.float32:
+        _allow_fp32_awq_packing()
+    _fast_awq_clip_search()
+    with operation(f"{type(config).__name__.removesuffix('Config')} search ({Path(target).name})", "search", str(dtype).removeprefix("torch.")):
+        model = GPTQModel.load(source, config, dtype=dtype)
+        model.quantize(with_images_loaded(conversations), batch_size=1)
     seconds = time.perf_counter() - started
     if as_int4:
         Path(target).parent.mkdir(parents=True, exist_ok=True)  # a scratch_dir's stage folder may not exist yet

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from medcomp.costs import operation
 from medcomp.files import atomic_write_bytes, atomic_write_json, content_hash
 from medcomp.importance import layer_inputs
 from medcomp.loading import checkpoint_identity, decoder_layers, load_llava, load_processor, save_with_processor, to_model
@@ -174,13 +175,15 @@ def train_replacement(blocks: Sequence[torch.nn.Module] | Mapping[int, torch.nn.
         parameter.requires_grad_(True)
     optimiser = torch.optim.Adam(block.parameters(), lr=learning_rate)
     losses = []
-    for step in tqdm(range(steps), desc="block replacement", unit="step", disable=not progress):
-        predicted, target, mask = _forward(block, run, step % len(run.inputs), device)
-        loss = token_errors(predicted, target, mask).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
+    with operation(f"block replacement training ({steps} steps)", "training") as work:
+        work.notes = "one block's full weights, on recorded hidden states: work not counted"
+        for step in tqdm(range(steps), desc="block replacement", unit="step", disable=not progress):
+            predicted, target, mask = _forward(block, run, step % len(run.inputs), device)
+            loss = token_errors(predicted, target, mask).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
     block.eval()
     return TrainedReplacement(block, first, errors[first], relative_error(block, run, device), steps, time.perf_counter() - started, losses)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from medcomp.costs import COSTS_LEDGER, cost_rows, read_ledger
 from medcomp.files import atomic_write_json, atomic_write_text
 from medcomp.goals import goal_verdicts, goals_table, time_budget_table, time_budget_verdicts
 from medcomp.paper import TABLE_4
@@ -57,7 +58,19 @@ def run_results(run_dir: Path | str) -> dict[str, Any]:
             "table 4": {} if table_4 is None else {method: row["variant"] for method, row in table_4.iterrows()},
             "verdicts": {} if verdicts is None else {claim: {"verdict": row["verdict"], "difference": row["difference [95% CI]"]}
                                                    for claim, row in verdicts.iterrows()},
-            "efficiency": efficiency(run_dir), "training seconds": training_seconds(run_dir)}
+            "efficiency": efficiency(run_dir), "training seconds": training_seconds(run_dir),
+            "stage peak GiB": {stage: status.get("peak GiB") for stage, status in statuses.items()},
+            "peaks": manifest.get("peaks"), "costs": stage_costs(run_dir, statuses, (manifest.get("peaks") or {}).get("GFLOP/s"))}
+
+
+def stage_costs(run_dir: Path, statuses: dict[str, dict[str, Any]], peaks: dict[str, float] | None) -> dict[str, list[dict[str, Any]]]:
+    """Each stage's cost table (``medcomp.costs.cost_rows``) from its ledger, for the stages that kept one."""
+    tables = {}
+    for stage, status in statuses.items():
+        ledger = run_dir / "stages" / stage / COSTS_LEDGER
+        if ledger.exists():
+            tables[stage] = cost_rows(read_ledger(ledger), status.get("seconds"), peaks)
+    return tables
 
 
 def efficiency(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -148,6 +161,17 @@ def newest_sweep(world: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | 
     """The newest committed sweep of ``world`` (``results/``), or None."""
     sweeps = [r for r in committed(directory) if r.get("kind") == "sweep" and r.get("world") == world]
     return sweeps[-1] if sweeps else None
+
+
+def recorded_verdicts(world: str, contains: str, directory: Path = RESULTS_DIR) -> tuple[pd.DataFrame, str] | None:
+    """The claims of the newest committed sweep of ``world`` whose text contains ``contains``, over its points, and where
+    they come from (file, date, commits): what a preset that leaves a settled recipe out shows in its place. None
+    without such a sweep."""
+    record = newest_sweep(world, directory)
+    if record is None:
+        return None
+    claims = {claim: row for claim, row in (record.get("verdicts over points") or {}).items() if contains in claim}
+    return pd.DataFrame(claims).T, f"results/{record['file']} ({label(record)}; {record['point count']} seeds)"
 
 
 def label(result: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import sys
 import time
@@ -22,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from medcomp.costs import COSTS_LEDGER, LEDGER_ENV, TreePeak, cost_tables_html, peaks_in_child, read_ledger
 from medcomp.files import atomic_write_json, atomic_write_text, content_hash
 from medcomp.data import DatasetError, check_layout
 from medcomp.params import REPO_ROOT, Params, ParamsError, load_params, resolve_params_path
-from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint, published_reference
+from medcomp.numerics import artefact_hashes, children_in, kernel_fingerprint, numerics_environment, published_reference
 from medcomp.results import write_run_results
 from medcomp.runs import REPORTS_DIR, RUN_ORDER, Run, write_manifest
 
@@ -40,6 +42,7 @@ class StageOutcome:
     html: str | None
     error: str | None = None
     reason: str = ""
+    peak_gib: float | None = None  # resident memory of the kernel and its children together, at its peak
 
 
 def discover_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -181,6 +184,29 @@ def _section_announcer(notebook: Path, stage: str):
     return announce
 
 
+def ipc_kernel_manager() -> type:
+    """A kernel manager whose kernel talks over Unix sockets in a private temp folder instead of TCP on localhost:
+    with TCP every kernel prints "Kernel is running over TCP without encryption" at its start, which a newcomer
+    reads as a problem, and the ports are open to every local user. Nothing leaves the machine either way."""
+    import shutil
+    import tempfile
+
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.mkdtemp(prefix="medcomp-kernel-")) / "kernel")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:  # shutdown awaits this one
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(Path(self.ip).parent, ignore_errors=True)
+
+    return IPCKernelManager
+
+
 def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutcome:
     import papermill
 
@@ -188,9 +214,16 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
     executed = run_dir / f"{stage}.ipynb"
     incomplete = run_dir / "stages" / stage / "incomplete.json"
     incomplete.unlink(missing_ok=True)  # only this execution may declare itself unfinished
+    ledger = run_dir / "stages" / stage / COSTS_LEDGER
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.unlink(missing_ok=True)  # the cost table is this execution's
+    previous_ledger = os.environ.get(LEDGER_ENV)
+    os.environ[LEDGER_ENV] = str(ledger)  # the kernel and its children inherit it (medcomp.costs)
     started = time.perf_counter()
     error = None
+    memory = TreePeak()
     try:
+        memory.__enter__()
         papermill.execute_notebook(
             str(notebook),
             str(executed),
@@ -200,16 +233,23 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
             stderr_file=sys.stderr,  # the kernel's progress bars, live in the terminal
             on_cell_start=_section_announcer(notebook, stage),
             kernel_name="python3",
+            kernel_manager_class=ipc_kernel_manager(),
         )
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         error = f"{type(exc).__name__}: {exc}"
+    finally:
+        memory.__exit__(None, None, None)
+        if previous_ledger is None:
+            os.environ.pop(LEDGER_ENV, None)
+        else:
+            os.environ[LEDGER_ENV] = previous_ledger
     seconds = time.perf_counter() - started
     html_path = None
     if executed.exists():
         html_path = render_html(executed, run_dir / f"{stage}.html").name
     if error is None and incomplete.exists():
-        return StageOutcome(stage, "incomplete", seconds, html_path, json.loads(incomplete.read_text())["reason"])
-    return StageOutcome(stage, "failed" if error else "ok", seconds, html_path, error)
+        return StageOutcome(stage, "incomplete", seconds, html_path, json.loads(incomplete.read_text())["reason"], peak_gib=memory.gib)
+    return StageOutcome(stage, "failed" if error else "ok", seconds, html_path, error, peak_gib=memory.gib)
 
 
 def run_pipeline(
@@ -234,7 +274,9 @@ def run_pipeline(
     with children_in(mode):
         numerics = {"mode": mode, "asked": params.runtime.numerics, **kernel_fingerprint(mode)}
         numerics["comparable with"] = published_reference(numerics.get("probe hash"))
-        write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics})
+        # this machine's GEMM ceiling per dtype, at the kernels' threads and numerics: what the cost table compares with
+        peaks = peaks_in_child(params.runtime.threads, numerics_environment(mode))
+        write_manifest(run_dir, params, {"params_file": str(params_path), "numerics": numerics, "peaks": peaks})
         shared = {"params": params.fingerprint(), "package": package_fingerprint()}
 
         write_index(run_dir, params, [])  # the forecast shows before any stage runs
@@ -250,13 +292,14 @@ def run_pipeline(
                 if previous is None:
                     outcomes.append(StageOutcome(stage, "not run", 0.0, None, reason="an earlier stage failed" if failed else "not selected by --only"))
                 else:
-                    outcomes.append(StageOutcome(stage, "stale" if stale else "reused", previous["seconds"], previous.get("html"),
+                    outcomes.append(StageOutcome(stage, "stale" if stale else "reused", previous["seconds"], previous.get("html"), peak_gib=previous.get("peak GiB"),
                                                  reason=f"not run now; {stale}" if stale else "not run now; up to date"))
                 upstream[stage] = previous.get("token") if previous else None
                 continue
             if not force and not only and stale is None:
                 print(f"[medcomp] {stage}: reusing the finished stage ({previous['seconds']:.0f} s): nothing it depends on changed; --force redoes it")
-                outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html"), reason="nothing it depends on changed"))
+                outcomes.append(StageOutcome(stage, "reused", previous["seconds"], previous.get("html"), reason="nothing it depends on changed",
+                                             peak_gib=previous.get("peak GiB")))
                 upstream[stage] = previous["token"]
                 continue
             reason = "--force" if force else "redone by --only" if only else stale
@@ -266,8 +309,8 @@ def run_pipeline(
             token = uuid.uuid4().hex[:16]
             atomic_write_json(
                 _status_path(run_dir, stage),
-                {"status": outcome.status, "seconds": round(outcome.seconds, 1), "html": outcome.html, "error": outcome.error,
-                 "reason": reason, "token": token, "inputs": inputs},
+                {"status": outcome.status, "seconds": round(outcome.seconds, 1), "peak GiB": outcome.peak_gib, "html": outcome.html,
+                 "error": outcome.error, "reason": reason, "token": token, "inputs": inputs},
             )
             print(f"[medcomp] {stage}: {outcome.status} in {outcome.seconds:.0f} s")
             outcomes.append(outcome)
@@ -298,6 +341,14 @@ def numerics_html(run_dir: Path) -> str:
             f"(<code>python -m medcomp numerics</code> compares this CPU with emulated ones).</p><table>{rows}</table>") if rows else ""
 
 
+def costs_html(run_dir: Path, outcomes: Sequence[StageOutcome]) -> str:
+    """Each executed stage's cost table (``medcomp.costs``) against the GEMM peaks this run measured."""
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
+    shown = ("ok", "failed", "incomplete", "reused", "stale")
+    stages = [(o.stage, o.seconds, o.peak_gib, read_ledger(run_dir / "stages" / o.stage / COSTS_LEDGER)) for o in outcomes if o.status in shown]
+    return cost_tables_html(stages, manifest.get("peaks") or {})
+
+
 def _summary_cell(summary: dict[str, Any]) -> str:
     return "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(str(v))}</b>" for k, v in summary.items())
 
@@ -314,7 +365,8 @@ def write_index(run_dir: Path, params: Params, outcomes: Sequence[StageOutcome])
         reason = f"why it ran: {outcome.reason}" if outcome.status in ("ok", "failed") and outcome.reason else outcome.reason
         rows.append(
             f'<tr class="{outcome.status.replace(" ", "-")}"><td>{link}</td><td>{outcome.status}<br><small>{html.escape(reason)}</small></td>'
-            f"<td>{outcome.seconds:.0f} s</td><td>{_summary_cell(summary)}{error}</td></tr>"
+            f"<td>{outcome.seconds:.0f} s</td><td>{'—' if outcome.peak_gib is None else f'{outcome.peak_gib:.1f} GiB'}</td>"
+            f"<td>{_summary_cell(summary)}{error}</td></tr>"
         )
     world_note = (
         "Embedded world: a small LLaVA (SmolLM2-135M + seeded CLIP tower) on synthetic DermNet-layout images. "
@@ -340,8 +392,8 @@ tr.ok{{background:#efe}}tr.incomplete{{background:#fed}}tr.reused{{background:#e
 {headlines}
 {forecast}
 <h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>status</th><th>duration</th><th>key figures</th></tr>
-{''.join(rows)}</table>{numerics_html(run_dir)}</body></html>
+<table><tr><th>notebook</th><th>status</th><th>duration</th><th>peak memory</th><th>key figures</th></tr>
+{''.join(rows)}</table>{costs_html(run_dir, outcomes)}{numerics_html(run_dir)}</body></html>
 """
     target = run_dir / "index.html"
     atomic_write_text(target, page)

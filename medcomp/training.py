@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medcomp.costs import model_dtype, operation, training_flops
 from medcomp.data import VQAConversation, VQAExample, as_multi_turn
 from medcomp.distillation import Distillation, distillation_loss
 from medcomp.encoding import LeftPadCollator, VQATrainingSet, answer_loss
@@ -186,6 +187,7 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
         dataloader_num_workers=0,
         use_cpu=device == "cpu",
         disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",  # the cost table's work
         **_precision_flags(params, device),
     )
     trainer = _answer_loss_trainer(distillation)(
@@ -202,7 +204,10 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_one_progress_bar())
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if any(checkpoints.glob("checkpoint-*")) else None)
+    with operation(f"training ({Path(output_dir).name})", "training", model_dtype(model)) as work:
+        trainer.train(resume_from_checkpoint=True if any(checkpoints.glob("checkpoint-*")) else None)
+        work.tokens = int(trainer.state.num_input_tokens_seen)
+        work.flops = training_flops(model.config, work.tokens, context=work.tokens / max(trainer.state.global_step * params.batch_size * params.gradient_accumulation_steps, 1) / 2)
     return trainer, time.perf_counter() - started
 
 

@@ -28,7 +28,8 @@ MINIMAL = {
     # every path once: AWQ (the slowest, about 4 s a layer here) on one model only
     "quantization": {"calibration_size": 2, "finetuned": ["bnb", "rtn"], "pruned": ["awq"], "recovered": ["rtn"], "pipeline_ablations": [],
                      "recovered_magnitude": []},
-    "beyond": {"grid": "rtn", "quantize_then_recover": ["awq"], "replacement_steps": 5, "replacement_samples": 8},
+    # distillation is settled and off in the embedded preset (embedded_full runs it): on here, so its path stays tested
+    "beyond": {"grid": "rtn", "quantize_then_recover": ["awq"], "replacement_steps": 5, "replacement_samples": 8, "distill_from": "finetuned"},
     "benchmark": {"new_tokens": 4, "warmup": 1, "repeats": 2},
 }
 

@@ -24,6 +24,17 @@ def test_committed_without_outputs(path: Path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_cell_has_a_unique_id(path: Path):
+    """nbformat warns on every read of a cell without an id ("this will become a hard error"), once per notebook of a run,
+    and the runner's section announcer finds cells by id."""
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    ids = [cell.get("id") for cell in cells]
+    assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: cells without an id or with the same one"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_parameters_cell_defaults_are_valid(path: Path):
     notebook = nbformat.read(str(path), as_version=4)
     cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -324,3 +324,41 @@ def test_finetune_concentration_finds_the_groups_that_hold_the_change(tiny_embed
         found = weight_analysis.finetune_concentration(merged, spread, 64, spare_bytes=32 * groups)
         assert found["groups"] == len(energies) and found["groups at 8 bits"] == groups
         assert found["top share"] == pytest.approx(sum(energies[:groups]) / sum(energies), rel=1e-5), groups
+
+
+@pytest.mark.parametrize("out_features, tokens", [(512, 1100), (192, 300)])  # batches of 256 outputs, of 64; tokens sampled, all
+def test_awq_clip_search_matches_gptqmodels(out_features, tokens):
+    """``quantizers.awq_best_clip`` (matrix products) against GPTQModel's own ``_compute_best_clip`` (elementwise):
+    the same clipping bound for every output channel and group."""
+    from gptqmodel import AWQConfig
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    library = getattr(AWQProcessor, "library_compute_best_clip", AWQProcessor._compute_best_clip)
+    processor = AWQProcessor.__new__(AWQProcessor)
+    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=False)
+    torch.manual_seed(0)
+    weight, features = torch.randn(out_features, 128), torch.randn(tokens, 128)
+    features[:, 5] *= 20  # an outlier channel: the bound then differs between groups and rows
+    ours, theirs = quantizers.awq_best_clip(processor, weight, features), library(processor, weight, features)
+    assert ours.shape == theirs.shape == (out_features, 2, 1)
+    assert torch.equal(ours, theirs)
+    assert len(torch.unique(ours / weight.reshape(out_features, 2, 64).abs().amax(-1, keepdim=True))) > 1  # not all unclipped
+
+
+def test_a_cpu_search_runs_in_fp32_and_stores_fp16_scales(outlier_model, conversations, tmp_path, monkeypatch):
+    """The search's dtype is the device's (fp32 on a CPU, where fp16 GEMM is ~50x slower; fp16 on a GPU), and what is
+    stored is what a T4's search stores: fp16 scales. Fails if a GPTQModel upgrade stops casting them."""
+    from safetensors import safe_open
+
+    from medcomp import costs
+
+    assert quantizers.search_dtype("cpu") == torch.float32 and quantizers.search_dtype("cuda:0") == torch.float16
+    monkeypatch.setenv(costs.LEDGER_ENV, str(tmp_path / "costs.jsonl"))
+    checkpoint = quantizers.quantize("awq", str(outlier_model), tmp_path / "awq", conversations[:2])
+    [search] = [e for e in costs.read_ledger(tmp_path / "costs.jsonl") if e["kind"] == "search"]  # recorded by the child
+    assert search["dtype"] == "float32" and search["name"] == "AWQ search (awq)"
+    with safe_open(str(checkpoint.path / "model.safetensors"), "pt") as stored:
+        scales = [stored.get_tensor(name) for name in stored.keys() if name.endswith(".scales")]
+    assert scales and {tensor.dtype for tensor in scales} == {torch.float16}
+    model = loading.load_quantized(checkpoint.path)
+    assert costs.model_dtype(model) == "int4"
