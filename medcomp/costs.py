@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 LEDGER_ENV = "MEDCOMP_COSTS"
 COSTS_LEDGER = "costs.jsonl"  # in each stage's folder
+OPEN_ENV = "MEDCOMP_COSTS_OPEN"  # set while an operation runs: a child process's operations are inside it
 # an operation shorter than this is summed into one line: the table is for what a user waits on
 SHOWN_SECONDS = 5.0
 # the embedded model's shapes (SmolLM2-135M): a batch of prompt tokens times hidden by MLP width
@@ -79,15 +80,22 @@ def operation(name: str, kind: str, dtype: str = "float32") -> Iterator[Work]:
     and its work is added to the outer one's where the outer one counts none of its own."""
     work = Work(dtype=dtype)
     outer = _OPEN[-1] if _OPEN else None
+    inside_parent = bool(os.environ.get(OPEN_ENV))  # a child process started inside an operation (a GPTQModel search)
     _OPEN.append(work)
+    if outer is None:
+        os.environ[OPEN_ENV] = "1"  # what this operation starts counts inside it
     started = time.perf_counter()
     try:
         yield work
     finally:
         _OPEN.pop()
+        if outer is None and not inside_parent:
+            os.environ.pop(OPEN_ENV, None)
         inner = work.extra.pop("_inner", None)
         if inner is not None and work.flops is None:
             work.flops, work.tokens = inner["flops"] or None, work.tokens if work.tokens is not None else inner["tokens"] or None
+        if inside_parent:
+            work.extra["nested"] = True
         if outer is not None:
             work.extra["nested"] = True
             totals = outer.extra.setdefault("_inner", {"flops": 0.0, "tokens": 0})

@@ -98,3 +98,20 @@ def test_an_answer_pass_records_its_tokens_and_work(tiny_embedded_model, synthet
     assert entry["tokens"] == prompts + generated
     per_token = 2 * costs.linear_parameters(model.config)
     assert entry["flops"] >= entry["tokens"] * per_token
+
+
+def test_a_child_process_started_inside_an_operation_records_inside_it(tmp_path, monkeypatch):
+    """GPTQModel's search runs in a child process that records its own operation: inside the parent's "quantize"
+    operation it must not be counted twice; started outside one, it is a top-level operation."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(costs.LEDGER_ENV, str(tmp_path / "costs.jsonl"))
+    monkeypatch.delenv(costs.OPEN_ENV, raising=False)
+    child = [sys.executable, "-c", "from medcomp.costs import operation\nwith operation('search', 'search'): pass"]
+    with costs.operation("quantize", "search"):
+        subprocess.run(child, check=True)
+    subprocess.run(child, check=True)
+    entries = costs.read_ledger(tmp_path / "costs.jsonl")
+    assert [(e["name"], bool(e.get("nested"))) for e in entries] == [("search", True), ("quantize", False), ("search", False)]
+    assert costs.OPEN_ENV not in __import__("os").environ

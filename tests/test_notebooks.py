@@ -35,6 +35,21 @@ def test_every_cell_has_a_unique_id(path: Path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_imported_name_is_assigned_over(path: Path):
+    """A module imported in one cell and a variable of the same name assigned in another: which one a later cell reads
+    depends on the order cells ran (08 once assigned ``results = ...`` after ``from medcomp import results``, and the
+    cell that read the module failed only in a full run)."""
+    notebook = nbformat.read(str(path), as_version=4)
+    trees = [ast.parse(cell.source) for cell in notebook.cells if cell.cell_type == "code"]
+    imported = {alias.asname or alias.name.split(".")[0] for tree in trees for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assigned = {target.id for tree in trees for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.For, ast.comprehension))
+                for target in ast.walk(node.target if not isinstance(node, ast.Assign) else ast.Tuple(elts=node.targets))
+                if isinstance(target, ast.Name)}
+    assert not imported & assigned, f"{path.name}: names both imported and assigned: {sorted(imported & assigned)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_parameters_cell_defaults_are_valid(path: Path):
     notebook = nbformat.read(str(path), as_version=4)
     cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from medcomp.costs import operation
 from medcomp.evaluation import PeakMemory, answer_stats, generate_answers
 from medcomp.files import content_hash
 from medcomp.loading import checkpoint_identity, decoder_bytes, load_llava, load_processor, load_variant, tensor_bytes
@@ -64,7 +65,8 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
         previous = run.variants().get(step.name)
         reused = previous is not None and previous.extra.get("identity") == extra["identity"] and run.has_answers(step.name)
     else:
-        checkpoint = quantize(step.method, source.path, run.model_dir(stage, step.name), conversations, group_size, dtype, device)
+        with operation(f"quantize ({step.name}): check, child process, search, save", "search", dtype):
+            checkpoint = quantize(step.method, source.path, run.model_dir(stage, step.name), conversations, group_size, dtype, device)
         path, seconds, reused = checkpoint.path, checkpoint.seconds, checkpoint.reused and run.has_answers(step.name)
         extra = {"format": "int4" if step.method == "gptq" else step.method}
     variant = Variant(name=step.name, stage=stage, path=str(path), parent=source.name, layers_removed=source.layers_removed, bits=4,
@@ -81,8 +83,9 @@ def build_quantized(run, stage: str, step: QuantizationStep, conversations, test
         run.save_answers(step.name, answers)
     survival = None
     if "adapter" in source.extra:
-        merged = load_llava(source.path, dtype=dtype, device="cpu")  # the reference stays off the GPU, in the run's dtype (no fp32 7B)
-        survival = finetune_survival(model, merged, source.extra["adapter"], group_size)
+        with operation(f"survival analysis ({step.name})", "analysis"):
+            merged = load_llava(source.path, dtype=dtype, device="cpu")  # the reference stays off the GPU, in the run's dtype (no fp32 7B)
+            survival = finetune_survival(model, merged, source.extra["adapter"], group_size)
         del merged
     result = {"variant": step.name, "source": source.name, "method": step.method, "role": step.role, "fraction": source.extra.get("fraction"),
               "quantize seconds": seconds, "decoder bytes": decoder_bytes(model), "model bytes": tensor_bytes(model),
