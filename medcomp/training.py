@@ -10,6 +10,7 @@ model, kept unmerged) and ``train_modules_only`` (LLaVA's stage 1). Training run
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +106,13 @@ def _one_progress_bar():
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
 
     return TrainingBar
+
+
+def _resumed_state(checkpoints: Path) -> dict[str, Any]:
+    """The trainer state ``train(resume_from_checkpoint=True)`` resumes from: the newest checkpoint's (none: empty)."""
+    newest = max(checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+    state = newest / "trainer_state.json" if newest is not None else None
+    return json.loads(state.read_text()) if state is not None and state.exists() else {}
 
 
 def _answer_loss_trainer(distillation: Distillation | None = None):
@@ -204,10 +212,12 @@ def _train(model, processor, examples: Sequence[VQAExample], params: FinetunePar
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_one_progress_bar())
     started = time.perf_counter()
+    resumed = _resumed_state(checkpoints)  # the cost table counts this call's work, not the checkpoint's again
     with operation(f"training ({Path(output_dir).name})", "training", model_dtype(model)) as work:
         trainer.train(resume_from_checkpoint=True if any(checkpoints.glob("checkpoint-*")) else None)
-        work.tokens = int(trainer.state.num_input_tokens_seen)
-        work.flops = training_flops(model.config, work.tokens, context=work.tokens / max(trainer.state.global_step * params.batch_size * params.gradient_accumulation_steps, 1) / 2)
+        work.tokens = int(trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0))
+        sequences = max((trainer.state.global_step - resumed.get("global_step", 0)) * params.batch_size * params.gradient_accumulation_steps, 1)
+        work.flops = training_flops(model.config, work.tokens, context=work.tokens / sequences / 2)
     return trainer, time.perf_counter() - started
 
 

@@ -147,3 +147,37 @@ def test_gradient_checkpointing_chooses_the_non_reentrant_variant(tiny_embedded_
         ids = torch.tensor([[1, 2, 3, 4]])
         model(input_ids=ids, labels=ids).loss.backward()
     assert not [w for w in caught if "use_reentrant" in str(w.message)]
+
+
+def test_a_resumed_training_counts_only_its_own_work(tiny_embedded_model, synthetic_root, tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint, a training resumes at step 3: the cost table counts that one step's tokens,
+    not the checkpoint's two steps again (the trainer's state carries them over)."""
+    from medcomp import costs, training
+    from transformers import TrainerCallback
+
+    monkeypatch.setenv(costs.LEDGER_ENV, str(tmp_path / "costs.jsonl"))
+    examples = _examples(synthetic_root)[:4]
+    params = load_params("embedded", {"finetune": {"max_steps": 3, "batch_size": 2, "save_steps": 2, "logging_steps": 1}}).finetune
+    bar = training._one_progress_bar
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_step_2():
+        class KillAfterTwo(bar()):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3:
+                    raise Killed
+
+        return KillAfterTwo
+
+    monkeypatch.setattr(training, "_one_progress_bar", killed_after_step_2)
+    with pytest.raises(Killed):
+        finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / "ft")
+    assert (tmp_path / "ft" / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(training, "_one_progress_bar", bar)
+    resumed = finetune(str(tiny_embedded_model), "float32", "cpu", examples, params, tmp_path / "ft")
+    assert resumed.steps == 3
+    total = max(entry["num_input_tokens_seen"] for entry in resumed.log_history if "num_input_tokens_seen" in entry)
+    [killed, finished] = [entry for entry in costs.read_ledger(tmp_path / "costs.jsonl") if entry["kind"] == "training"]
+    assert killed["tokens"] is None and 0 < finished["tokens"] < total / 2  # one step of three
