@@ -221,28 +221,26 @@ def execute_stage(notebook: Path, run_dir: Path, params_path: Path) -> StageOutc
     os.environ[LEDGER_ENV] = str(ledger)  # the kernel and its children inherit it (medcomp.costs)
     started = time.perf_counter()
     error = None
-    memory = TreePeak()
-    try:
-        memory.__enter__()
-        papermill.execute_notebook(
-            str(notebook),
-            str(executed),
-            parameters={"params_file": str(params_path), "run_dir": str(run_dir)},
-            cwd=str(notebook.parent),
-            progress_bar=False,
-            stderr_file=sys.stderr,  # the kernel's progress bars, live in the terminal
-            on_cell_start=_section_announcer(notebook, stage),
-            kernel_name="python3",
-            kernel_manager_class=ipc_kernel_manager(),
-        )
-    except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        memory.__exit__(None, None, None)
-        if previous_ledger is None:
-            os.environ.pop(LEDGER_ENV, None)
-        else:
-            os.environ[LEDGER_ENV] = previous_ledger
+    with TreePeak() as memory:  # the kernel's and its children's resident memory, sampled
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(executed),
+                parameters={"params_file": str(params_path), "run_dir": str(run_dir)},
+                cwd=str(notebook.parent),
+                progress_bar=False,
+                stderr_file=sys.stderr,  # the kernel's progress bars, live in the terminal
+                on_cell_start=_section_announcer(notebook, stage),
+                kernel_name="python3",
+                kernel_manager_class=ipc_kernel_manager(),
+            )
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if previous_ledger is None:
+                os.environ.pop(LEDGER_ENV, None)
+            else:
+                os.environ[LEDGER_ENV] = previous_ledger
     seconds = time.perf_counter() - started
     html_path = None
     if executed.exists():
